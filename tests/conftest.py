@@ -1,0 +1,46 @@
+import torch
+
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
+PIXART_SCHEDULER = {
+    "_class_name": "DPMSolverMultistepScheduler",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
+COGVIDEOX_2B_SCHEDULER = {
+    "_class_name": "CogVideoXDDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "snr_shift_scale": 3.0,
+    "timestep_spacing": "trailing",
+}
+SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
+def gaussian_x0(mean: torch.Tensor, cov: torch.Tensor, schedule):
+    """The exact x0-predictor of N(mean, cov) data: E[x0 | x_t] = mean + cov a (a^2 cov + s^2 I)^-1 (x_t - a mean)."""
+
+    def x0_fn(x_t, t):
+        alpha, sigma = schedule.coefficients(t, x_t)  # [B, 1]
+        x = x_t.to(alpha.dtype)
+        m, c = mean.to(alpha.dtype), cov.to(alpha.dtype)
+        eye = torch.eye(m.numel(), dtype=alpha.dtype)
+        a, s = alpha[:, :, None], sigma[:, :, None]  # [B, 1, 1]
+        marginal_cov = a**2 * c + s**2 * eye  # [B, D, D]
+        gain = a * torch.linalg.solve(marginal_cov, c.expand_as(marginal_cov)).transpose(1, 2)  # a C M^-1
+        return m + (gain @ (x - alpha * m)[:, :, None])[:, :, 0]
+
+    return x0_fn

@@ -147,7 +147,8 @@ def sample_tdm(
     the trained timesteps followed by 0 (for a VP model sigma = sigma_t / alpha_t and the state is
     x_t / alpha_t, so pure N(0, I) at t_K is ``noise * sqrt(1 + sigma_K^2)``). ``flow=True`` for
     rectified-flow (CONST) models. ``noise_sampler(sigma, sigma_next)`` supplies fresh noise when
-    eta > 0; by default it draws from a generator seeded with ``extra_args["seed"]``.
+    eta > 0; by default it draws from a generator seeded with ``extra_args["seed"]``. ``disable``
+    is accepted for the k-diffusion protocol; progress and previews go through ``callback``.
     """
     extra_args = {} if extra_args is None else extra_args
     eta = check_eta(eta)

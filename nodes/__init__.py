@@ -1,0 +1,27 @@
+"""ComfyUI nodes: thin adapters over tdm_train and export, and the only code that imports comfy.
+
+Imported relatively from the pack root (ComfyUI owns a top-level module called `nodes`).
+"""
+
+from __future__ import annotations
+
+# The node classes the extension registers. Each node module appends its classes here; the
+# sampling, trainer, CogVideoX and export nodes arrive with their own issues.
+NODE_CLASSES: list[type] = []
+
+
+def build_extension():
+    """The ComfyExtension that ComfyUI's V3 loader asks for (see the root __init__.py)."""
+    try:
+        from comfy_api.latest import ComfyExtension
+    except ImportError as error:  # outside ComfyUI
+        raise ImportError(
+            "comfy_api.latest is not importable: ComfyUI-TDM's nodes need ComfyUI >= 0.3.48 "
+            "(run this pack from ComfyUI/custom_nodes/)"
+        ) from error
+
+    class TDMExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODE_CLASSES)
+
+    return TDMExtension()

@@ -1,0 +1,1 @@
+"""Embedded demos that `python -m tdm_train` runs with nothing downloaded."""

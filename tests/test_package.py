@@ -1,0 +1,125 @@
+"""The pack as ComfyUI and pip see it: imports outside ComfyUI, the V3 entry point, packaging
+metadata, and the torch rule."""
+
+import asyncio
+import importlib.util
+import re
+import subprocess
+import sys
+import tomllib
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_pack_like_comfyui():
+    """ComfyUI's load_custom_node: spec_from_file_location on <pack>/__init__.py with the path as
+    module name and submodule search locations, so relative imports work."""
+    name = str(ROOT).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pack_imports_outside_comfyui_and_exposes_only_the_v3_entry_point():
+    pack = _import_pack_like_comfyui()
+    assert callable(pack.comfy_entrypoint)
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS")  # it would make ComfyUI ignore comfy_entrypoint
+    assert str(ROOT) in sys.path
+    assert "comfy" not in sys.modules and "comfy_api" not in sys.modules
+
+
+def test_entry_point_outside_comfyui_fails_with_a_clear_message():
+    pack = _import_pack_like_comfyui()
+    with pytest.raises(ImportError, match="ComfyUI >= 0.3.48"):
+        asyncio.run(pack.comfy_entrypoint())
+
+
+def test_entry_point_builds_an_extension_with_tdm_prefixed_nodes(monkeypatch):
+    class ComfyExtension:  # what comfy_api.latest provides
+        async def on_load(self):
+            pass
+
+    latest = types.ModuleType("comfy_api.latest")
+    latest.ComfyExtension = ComfyExtension
+    monkeypatch.setitem(sys.modules, "comfy_api", types.ModuleType("comfy_api"))
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", latest)
+    pack = _import_pack_like_comfyui()
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    nodes = asyncio.run(extension.get_node_list())
+    assert isinstance(nodes, list)
+    for node in nodes:
+        assert node.define_schema().node_id.startswith("TDM")
+
+
+def test_library_imports_without_comfyui():
+    code = "import tdm_train, export, sys; assert not any(m.startswith('comfy') for m in sys.modules); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def _requirements():
+    return [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.split("#")[0].strip()]
+
+
+def test_requirements_never_name_torch_and_equal_pyproject_dependencies():
+    requirements = _requirements()
+    assert requirements, "requirements.txt lists nothing"
+    names = {re.split(r"[<>=!~\[; ]", r)[0].lower() for r in requirements}
+    assert not names & {"torch", "torchvision", "torchaudio"}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == requirements
+
+
+def test_pyproject_registry_block_and_extras():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    comfy = meta["tool"]["comfy"]
+    assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"].startswith(">=")
+    extras = meta["project"]["optional-dependencies"]
+    assert {"tensorrt", "onnxruntime-gpu"} <= set(extras["trt"])
+    assert any(dep.startswith("pytest") for dep in extras["dev"])
+    assert "nodes*" not in meta["tool"]["setuptools"]["packages"]["find"]["include"]
+
+
+def _load_install_py():
+    spec = importlib.util.spec_from_file_location("tdm_install", ROOT / "install.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_install_py_installs_requirements_into_the_running_python(monkeypatch):
+    install = _load_install_py()
+    commands = []
+    monkeypatch.setattr(install.subprocess, "call", lambda cmd: commands.append(cmd) or 0)
+    assert install.main() == 0
+    assert commands == [[sys.executable, "-m", "pip", "install", *_requirements()]]
+
+
+def test_install_py_refuses_a_requirements_file_that_names_torch(tmp_path):
+    install = _load_install_py()
+    bad = tmp_path / "requirements.txt"
+    bad.write_text("safetensors\ntorch>=2.0  # would replace the CUDA build\n")
+    with pytest.raises(SystemExit, match="torch"):
+        install.requirement_lines(bad)
+
+
+def test_readme_commands_and_ci_agree():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, flags=re.S)
+    commands = [line.strip() for block in blocks for line in block.splitlines()]
+    main_job = "bash scripts/setup.sh && .venv/bin/python -m tdm_train"
+    tests = "bash scripts/setup.sh && .venv/bin/python -m pytest"
+    assert main_job in commands and tests in commands
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    assert ci == [tests]
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "torch==2.13.0" in setup and "-e \".[dev]\"" in setup

@@ -5,9 +5,12 @@ Imported relatively from the pack root (ComfyUI owns a top-level module called `
 
 from __future__ import annotations
 
-# The node classes the extension registers. Each node module appends its classes here; the
-# sampling, trainer, CogVideoX and export nodes arrive with their own issues.
-NODE_CLASSES: list[type] = []
+
+def node_classes() -> list[type]:
+    """Every node the extension registers (imported here, inside ComfyUI only)."""
+    from . import lora, sampling
+
+    return [*sampling.NODES, *lora.NODES]
 
 
 def build_extension():
@@ -22,6 +25,6 @@ def build_extension():
 
     class TDMExtension(ComfyExtension):
         async def get_node_list(self):
-            return list(NODE_CLASSES)
+            return node_classes()
 
     return TDMExtension()

@@ -1,0 +1,110 @@
+"""TDM LoRA Loader: applies a TDM LoRA at the strength it was made for."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from comfy_api.latest import io, ui
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.utils
+import folder_paths
+from tdm_train.lora_metadata import describe_unmatched, recommend
+
+from .sampling import CATEGORY
+
+NOT_LOADED_PREFIX = "lora key not loaded: "
+
+
+class _CollectNotLoaded(logging.Handler):
+    """Collects the keys comfy.lora.load_lora reports as not loaded (it only logs them)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.keys: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith(NOT_LOADED_PREFIX):
+            self.keys.append(message[len(NOT_LOADED_PREFIX):])
+
+
+@contextlib.contextmanager
+def _collect_not_loaded():
+    handler = _CollectNotLoaded()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.keys
+    finally:
+        root.removeHandler(handler)
+
+
+def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float):
+    """Returns (patched model clone, summary). Refuses a LoRA none of whose keys fit the model,
+    naming the keys; warns (and reports) when only some of them fit."""
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    try:
+        state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except Exception as error:
+        raise ValueError(f"TDM LoRA Loader: cannot read {lora_name}: {error}") from error
+    recommendation = recommend(metadata, lora_name)
+    if strength_source == "recorded":
+        if recommendation is None:
+            applied, source = strength, "nothing recorded; the strength input"
+        else:
+            applied, source = recommendation.strength, recommendation.source
+    else:
+        applied, source = strength, "manual"
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    converted = comfy.lora_convert.convert_lora(state_dict)
+    with _collect_not_loaded() as unmatched:
+        patches = comfy.lora.load_lora(converted, key_map)
+    if not patches:
+        raise ValueError(
+            f"TDM LoRA Loader: {lora_name} is not a LoRA for this model "
+            f"({type(model.model).__name__}); {describe_unmatched(unmatched or list(converted), len(converted))}"
+        )
+    patched = model.clone()
+    patched.add_patches(patches, applied)
+    lines = [f"{lora_name}: strength {applied:g} ({source}); {len(patches)} weights patched"]
+    if unmatched:
+        warning = describe_unmatched(unmatched, len(converted))
+        logging.warning("TDM LoRA Loader: %s", warning)
+        lines.append("WARNING: " + warning)
+    if recommendation is not None and recommendation.sampling:
+        lines.append("recommended sampling: " + ", ".join(f"{k}={v}" for k, v in recommendation.sampling.items()))
+    return patched, "\n".join(lines)
+
+
+class TDMLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMLoraLoader",
+            display_name="TDM LoRA Loader",
+            category=CATEGORY,
+            description="Applies a TDM LoRA to the diffusion model at the strength recorded for it (its tdm.* "
+                        "metadata, or the official release's, e.g. 0.125 for the TDM SD3 LoRA) unless set "
+                        "manually, and reports LoRA keys that did not load.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),
+                io.Combo.Input("strength_source", options=["recorded", "manual"], default="recorded",
+                               tooltip="recorded: the LoRA's own strength (falls back to the strength input)"),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.005),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_source, strength) -> io.NodeOutput:
+        patched, summary = apply_tdm_lora(model, lora_name, strength_source, strength)
+        logging.info("TDM LoRA Loader: %s", summary.replace("\n", "; "))
+        return io.NodeOutput(patched, ui=ui.PreviewText(summary))
+
+
+NODES = [TDMLoraLoader]

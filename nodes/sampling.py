@@ -1,0 +1,154 @@
+"""TDM Scheduler, TDM Sampler and TDM KSampler: the student's trained timesteps in ComfyUI."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+import comfy.k_diffusion.sampling
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from tdm_train.presets import PRESETS, sampling_grid
+from tdm_train.sampler import sample_tdm
+
+from .sigmas import grid_sigmas, starts_from_pure_noise
+
+CATEGORY = "sampling/TDM"
+
+
+def tdm_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
+    """tdm_train's sampler under ComfyUI's k-diffusion protocol: the flavour of the state (VE for
+    discrete models, CONST for flow models) comes from the model's own model_sampling, and fresh
+    noise for eta > 0 from ComfyUI's seeded noise sampler."""
+    extra_args = {} if extra_args is None else extra_args
+    model_sampling = model.inner_model.inner_model.model_sampling
+    flow = isinstance(model_sampling, comfy.model_sampling.CONST)
+    noise_sampler = None
+    if eta > 0:
+        noise_sampler = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
+    return sample_tdm(model, x, sigmas, extra_args, callback, disable, eta=eta, noise_sampler=noise_sampler, flow=flow)
+
+
+class TDMKSAMPLER(comfy.samplers.KSAMPLER):
+    """KSAMPLER that starts txt2img from pure N(0, I) at the first trained timestep (noise *
+    sqrt(1 + sigma^2) in ComfyUI's space, not noise * sigma: 0.72% too small for SDXL at t=899)."""
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        self._pure_noise = denoise_mask is None and starts_from_pure_noise(latent_image)
+        return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+
+    def max_denoise(self, model_wrap, sigmas):
+        return getattr(self, "_pure_noise", False) or super().max_denoise(model_wrap, sigmas)
+
+
+def tdm_sampler(eta: float = 0.0) -> TDMKSAMPLER:
+    return TDMKSAMPLER(tdm_sampler_function, extra_options={"eta": float(eta)})
+
+
+def _grid_inputs():
+    return [
+        io.Combo.Input("preset", options=list(PRESETS), default="tdm_uniform",
+                       tooltip="tdm_uniform: t_k = k*total_steps//steps - 1 (899/674/449/224); cogvideox: "
+                               "999/856/665/399; flow_shifted: SD3/SD3.5 LoRAs (flow sigmas with shift); "
+                               "custom: the comma list below"),
+        io.Int.Input("steps", default=4, min=1, max=8, tooltip="student steps K (tdm_uniform, flow_shifted)"),
+        io.Int.Input("total_steps", default=900, min=1, max=1000, tooltip="T_s of the uniform grid (TDM demo: 900)"),
+        io.Float.Input("shift", default=6.0, min=0.1, max=20.0, step=0.1,
+                       tooltip="flow shift of flow_shifted (official SD3 TDM LoRA: 6; SD3.5: 3)"),
+        io.String.Input("custom_timesteps", default="899, 674, 449, 224", tooltip="comma list, noisiest first"),
+    ]
+
+
+def _sigmas(model, preset, steps, total_steps, shift, custom_timesteps, denoise) -> torch.Tensor:
+    grid = sampling_grid(preset, steps, total_steps, shift, custom_timesteps, denoise)
+    return grid_sigmas(model.get_model_object("model_sampling"), grid)
+
+
+class TDMScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMScheduler",
+            display_name="TDM Scheduler",
+            category=CATEGORY,
+            description="SIGMAS at a TDM student's trained timesteps, from the model's own noise schedule.",
+            inputs=[io.Model.Input("model"), *_grid_inputs(),
+                    io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                                   tooltip="img2img: keep only trained timesteps at or below this noise level")],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, steps, total_steps, shift, custom_timesteps, denoise) -> io.NodeOutput:
+        return io.NodeOutput(_sigmas(model, preset, steps, total_steps, shift, custom_timesteps, denoise))
+
+
+class TDMSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMSampler",
+            display_name="TDM Sampler",
+            category=CATEGORY,
+            description="The TDM few-step sampler for SamplerCustom / SamplerCustomAdvanced: deterministic "
+                        "(eta 0, as trained) or re-noising with fresh noise (eta up to 1).",
+            inputs=[io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05,
+                                   tooltip="0: deterministic DDIM; 1: fresh noise at every step")],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, eta) -> io.NodeOutput:
+        return io.NodeOutput(tdm_sampler(eta))
+
+
+class TDMKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TDMKSampler",
+            display_name="TDM KSampler",
+            category=CATEGORY,
+            description="Few-step sampling of a TDM student in one node: trained timesteps, TDM sampler, "
+                        "cfg 1 by default (one model call per step).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Latent.Input("latent_image"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                *_grid_inputs(),
+                io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05),
+                io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1,
+                               tooltip="TDM students run at 1.0; above 1 needs a negative"),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01),
+                io.Conditioning.Input("negative", optional=True),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent_image, seed, preset, steps, total_steps, shift, custom_timesteps,
+                eta, cfg, denoise, negative=None) -> io.NodeOutput:
+        if negative is None and cfg != 1.0:
+            raise ValueError(f"TDM KSampler: cfg {cfg} needs a negative conditioning (or set cfg to 1.0)")
+        sigmas = _sigmas(model, preset, steps, total_steps, shift, custom_timesteps, denoise)
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        guider = comfy.samplers.CFGGuider(model)
+        conds = {"positive": positive} if negative is None else {"positive": positive, "negative": negative}
+        guider.inner_set_conds(conds)
+        guider.set_cfg(cfg)
+        callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
+        out = guider.sample(noise, samples, tdm_sampler(eta), sigmas, denoise_mask=latent.get("noise_mask"),
+                            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        latent["samples"] = out.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(latent)
+
+
+NODES = [TDMScheduler, TDMSampler, TDMKSampler]

@@ -1,0 +1,27 @@
+"""SIGMAS for a TDM grid from a ComfyUI model_sampling object (no comfy import: only its
+``sigma(timesteps)`` method is used, so this is testable without ComfyUI)."""
+
+from __future__ import annotations
+
+import torch
+
+from tdm_train.presets import SamplingGrid
+
+
+def grid_sigmas(model_sampling, grid: SamplingGrid) -> torch.Tensor:
+    """1-D float32 CPU tensor, descending, ending in 0.0. Integer timesteps go through the model's
+    own table (``model_sampling.sigma``, exact at integers: as core's SDTurboScheduler does), so
+    SDXL gets sigma(899, 674, 449, 224) = 8.3028, 3.0098, 1.3672, 0.6299. Flow grids are sigmas
+    already (ComfyUI feeds a flow model timestep = sigma * 1000 whatever its shift)."""
+    if grid.timesteps is not None:
+        timesteps = torch.tensor(grid.timesteps, dtype=torch.float32)
+        sigmas = model_sampling.sigma(timesteps).float().cpu()
+    else:
+        sigmas = torch.tensor(grid.sigmas, dtype=torch.float32)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def starts_from_pure_noise(latent_image: torch.Tensor | None) -> bool:
+    """txt2img: the latent is empty, so the student must start from pure N(0, I) at its first
+    timestep as it was trained. img2img keeps ComfyUI's scaling (noise * sigma + latent)."""
+    return latent_image is None or not bool(torch.count_nonzero(latent_image))

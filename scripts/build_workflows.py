@@ -1,0 +1,324 @@
+"""Builds the shipped workflows from one description each: the UI-format (0.4) file that users
+drop into ComfyUI, its API-format twin for POST /prompt (workflows/api/), and a .jpg thumbnail
+that draws the graph. Run after changing a node's inputs:
+
+    .venv/bin/python scripts/build_workflows.py
+
+The files are committed; tests check that they are current, well-formed, and (with ComfyUI)
+that every widget matches the running server's node definitions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+
+# Socket inputs, widgets (in ComfyUI's input order) and outputs of every node type we use.
+# Widgets that have control_after_generate get an extra UI value right after their own.
+CATALOG: dict[str, dict] = {
+    "CheckpointLoaderSimple": {"inputs": [], "widgets": ["ckpt_name"],
+                               "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
+    "UNETLoader": {"inputs": [], "widgets": ["unet_name", "weight_dtype"], "outputs": [("MODEL", "MODEL")]},
+    "CLIPLoader": {"inputs": [], "widgets": ["clip_name", "type", "device"], "outputs": [("CLIP", "CLIP")]},
+    "VAELoader": {"inputs": [], "widgets": ["vae_name"], "outputs": [("VAE", "VAE")]},
+    "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "widgets": ["text"], "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "ConditioningZeroOut": {"inputs": [("conditioning", "CONDITIONING")], "widgets": [],
+                            "outputs": [("CONDITIONING", "CONDITIONING")]},
+    "EmptyLatentImage": {"inputs": [], "widgets": ["width", "height", "batch_size"], "outputs": [("LATENT", "LATENT")]},
+    "EmptySD3LatentImage": {"inputs": [], "widgets": ["width", "height", "batch_size"],
+                            "outputs": [("LATENT", "LATENT")]},
+    "VAEDecode": {"inputs": [("samples", "LATENT"), ("vae", "VAE")], "widgets": [], "outputs": [("IMAGE", "IMAGE")]},
+    "SaveImage": {"inputs": [("images", "IMAGE")], "widgets": ["filename_prefix"], "outputs": []},
+    "SamplerCustom": {
+        "inputs": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                   ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
+        "widgets": ["add_noise", "noise_seed", "cfg"], "control": {"noise_seed"},
+        "outputs": [("output", "LATENT"), ("denoised_output", "LATENT")],
+    },
+    "TDMLoraLoader": {"inputs": [("model", "MODEL")], "widgets": ["lora_name", "strength_source", "strength"],
+                      "outputs": [("MODEL", "MODEL")]},
+    "TDMScheduler": {"inputs": [("model", "MODEL")],
+                     "widgets": ["preset", "steps", "total_steps", "shift", "custom_timesteps", "denoise"],
+                     "outputs": [("SIGMAS", "SIGMAS")]},
+    "TDMSampler": {"inputs": [], "widgets": ["eta"], "outputs": [("SAMPLER", "SAMPLER")]},
+    "TDMKSampler": {
+        "inputs": [("model", "MODEL"), ("positive", "CONDITIONING"), ("latent_image", "LATENT"),
+                   ("negative", "CONDITIONING")],
+        "widgets": ["seed", "preset", "steps", "total_steps", "shift", "custom_timesteps", "eta", "cfg", "denoise"],
+        "control": {"seed"}, "optional": {"negative"},
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "Note": {"inputs": [], "widgets": ["text"], "outputs": [], "virtual": True},  # frontend-only
+}
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict
+    links: dict = field(default_factory=dict)  # input name -> (node id, output slot)
+    pos: tuple[int, int] = (0, 0)
+    title: str | None = None
+
+
+@dataclass
+class Workflow:
+    name: str
+    title: str
+    nodes: list[Node]
+    models: list[dict]
+
+
+def _tdm_grid(preset="tdm_uniform", steps=4, total_steps=900, shift=6.0, custom="899, 674, 449, 224"):
+    return {"preset": preset, "steps": steps, "total_steps": total_steps, "shift": shift, "custom_timesteps": custom}
+
+
+def _note(node_id: int, text: str, pos) -> Node:
+    return Node(node_id, "Note", {"text": text}, pos=pos, title="Read me")
+
+
+def workflows() -> list[Workflow]:
+    sdxl = Workflow(
+        "sdxl_tdm_lora_4step",
+        "SDXL + TDM LoRA, 4 steps (SamplerCustom)",
+        [
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, pos=(40, 80)),
+            Node(2, "TDMLoraLoader", {"lora_name": "tdm_sdxl_lora.safetensors", "strength_source": "recorded",
+                                      "strength": 1.0}, {"model": (1, 0)}, pos=(420, 80)),
+            Node(3, "CLIPTextEncode", {"text": PROMPT}, {"clip": (1, 1)}, pos=(420, 300)),
+            Node(4, "ConditioningZeroOut", {}, {"conditioning": (3, 0)}, pos=(800, 520)),
+            Node(5, "TDMScheduler", {**_tdm_grid(), "denoise": 1.0}, {"model": (2, 0)}, pos=(800, 80)),
+            Node(6, "TDMSampler", {"eta": 0.0}, pos=(800, 300)),
+            Node(7, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(800, 740)),
+            Node(8, "SamplerCustom", {"add_noise": True, "noise_seed": 0, "cfg": 1.0},
+                 {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "sampler": (6, 0), "sigmas": (5, 0),
+                  "latent_image": (7, 0)}, pos=(1180, 80)),
+            Node(9, "VAEDecode", {}, {"samples": (8, 0), "vae": (1, 2)}, pos=(1560, 80)),
+            Node(10, "SaveImage", {"filename_prefix": "TDM/sdxl"}, {"images": (9, 0)}, pos=(1560, 300)),
+            _note(11, "SDXL with a TDM LoRA distilled by this pack's trainer (python -m tdm_train on SDXL), "
+                      "saved in models/loras as tdm_sdxl_lora.safetensors. 4 steps at 899/674/449/224, cfg 1: "
+                      "the TDM Scheduler gives the trained timesteps, the TDM Sampler starts from pure noise.",
+                  (40, 520)),
+        ],
+        [{"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+          "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}],
+    )
+    pixart = Workflow(
+        "pixart_alpha_tdm_4step",
+        "PixArt-alpha 1024 + TDM LoRA, 4 steps",
+        [
+            Node(1, "UNETLoader", {"unet_name": "PixArt-XL-2-1024-MS.pth", "weight_dtype": "default"}, pos=(40, 80)),
+            Node(2, "CLIPLoader", {"clip_name": "t5xxl_fp16.safetensors", "type": "pixart", "device": "default"},
+                 pos=(40, 300)),
+            Node(3, "VAELoader", {"vae_name": "sd-vae-ft-ema.safetensors"}, pos=(40, 520)),
+            Node(4, "TDMLoraLoader", {"lora_name": "tdm_pixart_alpha_lora.safetensors", "strength_source": "recorded",
+                                      "strength": 1.0}, {"model": (1, 0)}, pos=(420, 80)),
+            Node(5, "CLIPTextEncode", {"text": PROMPT}, {"clip": (2, 0)}, pos=(420, 300)),
+            Node(6, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(420, 520)),
+            Node(7, "TDMKSampler", {"seed": 0, **_tdm_grid(), "eta": 0.0, "cfg": 1.0, "denoise": 1.0},
+                 {"model": (4, 0), "positive": (5, 0), "latent_image": (6, 0)}, pos=(800, 80)),
+            Node(8, "VAEDecode", {}, {"samples": (7, 0), "vae": (3, 0)}, pos=(1180, 80)),
+            Node(9, "SaveImage", {"filename_prefix": "TDM/pixart"}, {"images": (8, 0)}, pos=(1180, 300)),
+            _note(10, "PixArt-alpha 1024 with a TDM LoRA from this pack's trainer (tdm_pixart_alpha_lora.safetensors "
+                      "in models/loras). The paper's PixArt student: 4 steps at 899/674/449/224, cfg 1.", (40, 740)),
+        ],
+        [
+            {"name": "PixArt-XL-2-1024-MS.pth", "directory": "diffusion_models",
+             "url": "https://huggingface.co/PixArt-alpha/PixArt-alpha/resolve/main/PixArt-XL-2-1024-MS.pth"},
+            {"name": "t5xxl_fp16.safetensors", "directory": "text_encoders",
+             "url": "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"},
+            {"name": "sd-vae-ft-ema.safetensors", "directory": "vae",
+             "url": "https://huggingface.co/stabilityai/sd-vae-ft-ema-original/resolve/main/vae-ft-ema-560000-ema-pruned.safetensors"},
+        ],
+    )
+    sd3 = Workflow(
+        "sd3_medium_tdm_lora_4step",
+        "SD3-Medium + official TDM SD3 LoRA (strength 0.125, flow shift 6), 4 steps",
+        [
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3_medium_incl_clips_t5xxlfp8.safetensors"}, pos=(40, 80)),
+            Node(2, "TDMLoraLoader", {"lora_name": "tdm_sd3_lora.safetensors", "strength_source": "recorded",
+                                      "strength": 0.125}, {"model": (1, 0)}, pos=(420, 80)),
+            Node(3, "CLIPTextEncode", {"text": PROMPT}, {"clip": (1, 1)}, pos=(420, 300)),
+            Node(4, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(420, 520)),
+            Node(5, "TDMKSampler", {"seed": 0, **_tdm_grid("flow_shifted", shift=6.0), "eta": 0.0, "cfg": 1.0,
+                                    "denoise": 1.0},
+                 {"model": (2, 0), "positive": (3, 0), "latent_image": (4, 0)}, pos=(800, 80)),
+            Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, pos=(1180, 80)),
+            Node(7, "SaveImage", {"filename_prefix": "TDM/sd3"}, {"images": (6, 0)}, pos=(1180, 300)),
+            _note(8, "Official TDM SD3 LoRA (Luo-Yihong/TDM_sd3_lora) saved as models/loras/tdm_sd3_lora.safetensors. "
+                     "It must run at strength 0.125 (the loader applies it: 'recorded'); flow sigmas with shift 6 "
+                     "(1 to 6 work), 4 steps, cfg 1.", (40, 520)),
+        ],
+        [
+            {"name": "sd3_medium_incl_clips_t5xxlfp8.safetensors", "directory": "checkpoints",
+             "url": "https://huggingface.co/stabilityai/stable-diffusion-3-medium/resolve/main/sd3_medium_incl_clips_t5xxlfp8.safetensors"},
+            {"name": "tdm_sd3_lora.safetensors", "directory": "loras",
+             "url": "https://huggingface.co/Luo-Yihong/TDM_sd3_lora/resolve/main/pytorch_lora_weights.safetensors"},
+        ],
+    )
+    sd15 = Workflow(
+        "sd15_dreamshaper_tdm_lora_4step",
+        "Dreamshaper 7 (SD1.5) + official TDM Dreamshaper LoRA, 4 steps",
+        [
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": "dreamshaper_7.safetensors"}, pos=(40, 80)),
+            Node(2, "TDMLoraLoader", {"lora_name": "tdm_dreamshaper.safetensors", "strength_source": "recorded",
+                                      "strength": 1.0}, {"model": (1, 0)}, pos=(420, 80)),
+            Node(3, "CLIPTextEncode", {"text": PROMPT}, {"clip": (1, 1)}, pos=(420, 300)),
+            Node(4, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(420, 520)),
+            Node(5, "TDMKSampler", {"seed": 0, **_tdm_grid("custom", custom="999, 749, 500, 250"), "eta": 0.0,
+                                    "cfg": 1.0, "denoise": 1.0},
+                 {"model": (2, 0), "positive": (3, 0), "latent_image": (4, 0)}, pos=(800, 80)),
+            Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, pos=(1180, 80)),
+            Node(7, "SaveImage", {"filename_prefix": "TDM/dreamshaper"}, {"images": (6, 0)}, pos=(1180, 300)),
+            _note(8, "Official TDM Dreamshaper LoRA (Luo-Yihong/TDM_dreamshaper_LoRA, tdm_dreamshaper.pt) converted to "
+                     "safetensors as models/loras/tdm_dreamshaper.safetensors. The release samples at 999/749/500/250, "
+                     "cfg 1.", (40, 520)),
+        ],
+        [{"name": "dreamshaper_7.safetensors", "directory": "checkpoints",
+          "url": "https://huggingface.co/Lykon/dreamshaper-7/resolve/main/dreamshaper_7.safetensors"}],
+    )
+    return [sdxl, pixart, sd3, sd15]
+
+
+def _widget_values(node: Node) -> list:
+    spec = CATALOG[node.type]
+    values = []
+    for name in spec["widgets"]:
+        values.append(node.widgets[name])
+        if name in spec.get("control", ()):
+            values.append("fixed")
+    if set(node.widgets) != set(spec["widgets"]):
+        raise ValueError(f"{node.type} #{node.id}: widgets {sorted(node.widgets)} != {spec['widgets']}")
+    return values
+
+
+def ui_format(workflow: Workflow) -> dict:
+    """The litegraph 0.4 file the ComfyUI frontend saves and loads."""
+    links, out_links = [], {}
+    link_id = 0
+    for node in workflow.nodes:
+        for input_name, (source, slot) in node.links.items():
+            link_id += 1
+            input_type = dict(CATALOG[node.type]["inputs"])[input_name]
+            source_type = CATALOG[next(n.type for n in workflow.nodes if n.id == source)]["outputs"][slot][1]
+            if source_type != input_type:
+                raise ValueError(f"{workflow.name}: {source}:{slot} ({source_type}) -> {node.id}.{input_name} ({input_type})")
+            links.append([link_id, source, slot, node.id, input_name, input_type])
+            out_links.setdefault((source, slot), []).append(link_id)
+    nodes = []
+    for order, node in enumerate(workflow.nodes):
+        spec = CATALOG[node.type]
+        inputs = []
+        for slot, (name, typ) in enumerate(spec["inputs"]):
+            link = next((l[0] for l in links if l[3] == node.id and l[4] == name), None)
+            entry = {"name": name, "type": typ, "link": link}
+            if name in spec.get("optional", ()):
+                entry["shape"] = 7  # the frontend's optional-input marker
+            inputs.append(entry)
+        outputs = [
+            {"name": name, "type": typ, "links": out_links.get((node.id, slot), []), "slot_index": slot}
+            for slot, (name, typ) in enumerate(spec["outputs"])
+        ]
+        entry = {
+            "id": node.id, "type": node.type, "pos": list(node.pos), "size": [340, 120 + 26 * len(spec["widgets"])],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+            "properties": {"Node name for S&R": node.type}, "widgets_values": _widget_values(node),
+        }
+        if node.title:
+            entry["title"] = node.title
+        if node.type.startswith("TDM"):
+            entry["properties"]["cnr_id"] = "comfyui-tdm"
+        models = [m for m in workflow.models if m["name"] in node.widgets.values()]
+        if models:
+            entry["properties"]["models"] = models
+        nodes.append(entry)
+    for link in links:  # links store the target slot index, not the input name
+        target = next(n for n in workflow.nodes if n.id == link[3])
+        link[4] = [name for name, _ in CATALOG[target.type]["inputs"]].index(link[4])
+    return {
+        "id": _stable_id(workflow.name),
+        "revision": 0,
+        "last_node_id": max(n.id for n in workflow.nodes),
+        "last_link_id": link_id,
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}, "tdm": {"title": workflow.title}},
+        "models": workflow.models,
+        "version": 0.4,
+    }
+
+
+def _stable_id(name: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-tdm/workflows/{name}"))
+
+
+def api_format(workflow: Workflow) -> dict:
+    """The same graph as a POST /prompt body's "prompt" (frontend-only nodes dropped)."""
+    prompt = {}
+    for node in workflow.nodes:
+        spec = CATALOG[node.type]
+        if spec.get("virtual"):
+            continue
+        inputs = dict(node.widgets)
+        inputs.update({name: [str(source), slot] for name, (source, slot) in node.links.items()})
+        prompt[str(node.id)] = {"class_type": node.type, "inputs": inputs, "_meta": {"title": node.title or node.type}}
+    return prompt
+
+
+def thumbnail(workflow: Workflow, path: Path) -> None:
+    """A picture of the graph: node boxes with their type and key settings, links between them."""
+    from PIL import Image, ImageDraw
+
+    scale = 0.5
+    width = int(max(n.pos[0] for n in workflow.nodes) * scale) + 260
+    height = int(max(n.pos[1] for n in workflow.nodes) * scale) + 140
+    image = Image.new("RGB", (width, height), (32, 33, 36))
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 6), workflow.title, fill=(240, 240, 240))
+    box = {}
+    for node in workflow.nodes:
+        x, y = int(node.pos[0] * scale) + 10, int(node.pos[1] * scale) + 24
+        box[node.id] = (x, y, x + 180, y + 70)
+    for node in workflow.nodes:
+        for source, _ in node.links.values():
+            sx0, sy0, sx1, sy1 = box[source]
+            tx0, ty0, _, ty1 = box[node.id]
+            draw.line([sx1, (sy0 + sy1) // 2, tx0, (ty0 + ty1) // 2], fill=(120, 160, 220), width=2)
+    for node in workflow.nodes:
+        x0, y0, x1, y1 = box[node.id]
+        tdm = node.type.startswith("TDM")
+        draw.rectangle(box[node.id], fill=(70, 45, 90) if tdm else (53, 53, 58), outline=(200, 200, 200))
+        draw.text((x0 + 6, y0 + 4), node.title or node.type, fill=(255, 220, 120) if tdm else (230, 230, 230))
+        detail = ", ".join(f"{k}={v}" for k, v in node.widgets.items() if k not in ("text",))[:90]
+        for i in range(0, min(len(detail), 90), 30):
+            draw.text((x0 + 6, y0 + 20 + i // 30 * 14), detail[i:i + 30], fill=(190, 190, 190))
+    image.save(path, "JPEG", quality=88)
+
+
+def build(out_dir: Path = WORKFLOWS) -> list[Path]:
+    written = []
+    (out_dir / "api").mkdir(parents=True, exist_ok=True)
+    for workflow in workflows():
+        ui_path = out_dir / f"{workflow.name}.json"
+        api_path = out_dir / "api" / f"{workflow.name}.json"
+        ui_path.write_text(json.dumps(ui_format(workflow), indent=2) + "\n")
+        api_path.write_text(json.dumps(api_format(workflow), indent=2) + "\n")
+        thumbnail(workflow, out_dir / f"{workflow.name}.jpg")
+        written += [ui_path, api_path, out_dir / f"{workflow.name}.jpg"]
+    return written
+
+
+if __name__ == "__main__":
+    for path in build(Path(sys.argv[1]) if len(sys.argv) > 1 else WORKFLOWS):
+        print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)

@@ -1,0 +1,213 @@
+"""The pack inside a real ComfyUI: loads without import failure, /object_info lists our nodes
+with the widgets our workflow files use, and shipped workflows run end to end on tiny models.
+
+Needs COMFYUI_DIR (a ComfyUI checkout) and, unless this interpreter can run ComfyUI,
+COMFYUI_PYTHON (the Python of ComfyUI's environment). Skipped with the reason otherwise.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="COMFYUI_DIR is not set: ComfyUI integration tests need a ComfyUI checkout "
+                            "(and COMFYUI_PYTHON, its environment's Python)"
+)
+
+TDM_NODES = {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str, body: dict):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """A ComfyUI server on 127.0.0.1 with this pack and tiny models; yields (base url, dirs, log path)."""
+    base = tmp_path_factory.mktemp("comfy")
+    env = {**os.environ, "PYTHONPATH": COMFYUI_DIR}
+    made = subprocess.run([COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "make_tiny_models.py"), str(base / "models")],
+                          cwd=COMFYUI_DIR, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    packs = base / "packs"
+    packs.mkdir()
+    (packs / "ComfyUI-TDM").symlink_to(ROOT, target_is_directory=True)
+    yaml = base / "extra_model_paths.yaml"
+    yaml.write_text(
+        "tdm_tests:\n"
+        f"  custom_nodes: {packs}\n"
+        f"  checkpoints: {base / 'models' / 'checkpoints'}\n"
+        f"  loras: {base / 'models' / 'loras'}\n"
+    )
+    port = _free_port()
+    log = base / "server.log"
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--extra-model-paths-config", str(yaml), "--output-directory", str(base / "output"),
+             "--preview-method", "none"],
+            cwd=COMFYUI_DIR, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                _get(url + "/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail("ComfyUI did not start:\n" + log.read_text()[-4000:])
+                time.sleep(1)
+        yield url, base, log
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _run_prompt(url: str, prompt: dict, timeout: float = 300) -> dict:
+    status, answer = _post(url + "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})
+    assert status == 200, answer
+    prompt_id = answer["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        history = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+            entry = history[prompt_id]
+            if entry["status"]["status_str"] != "success" or not entry["status"]["completed"]:
+                return entry
+            return entry
+        time.sleep(0.5)
+    pytest.fail(f"prompt {prompt_id} did not finish in {timeout}s")
+
+
+def test_pack_loads_and_object_info_lists_the_tdm_nodes(comfy):
+    url, _, log = comfy
+    text = log.read_text()
+    assert "IMPORT FAILED" not in "\n".join(line for line in text.splitlines() if "ComfyUI-TDM" in line)
+    info = _get(url + "/object_info")
+    assert TDM_NODES <= set(info)
+    for node in TDM_NODES:
+        assert info[node]["category"] == "sampling/TDM"
+    assert info["TDMKSampler"]["input"]["optional"] == {"negative": ["CONDITIONING", {}]} or \
+        "negative" in info["TDMKSampler"]["input"]["optional"]
+
+
+def test_workflow_widgets_match_the_servers_node_definitions(comfy):
+    """Every UI workflow's widgets_values line up with /object_info's input order (a seed adds its
+    control value), so the files load into this ComfyUI with the values we wrote."""
+    url, _, _ = comfy
+    info = _get(url + "/object_info")
+    for path in sorted((ROOT / "workflows").glob("*.json")):
+        workflow = json.loads(path.read_text())
+        for node in workflow["nodes"]:
+            if node["type"] == "Note":
+                continue
+            assert node["type"] in info, f"{path.name}: unknown node {node['type']}"
+            spec = info[node["type"]]
+            order = spec["input_order"]["required"] + spec["input_order"].get("optional", [])
+            every = {**spec["input"]["required"], **spec["input"].get("optional", {})}
+            sockets = {i["name"] for i in node["inputs"]}
+            widgets = [name for name in order if name not in sockets and not _is_socket(every[name])]
+            expected_len = sum(2 if every[name][1:] and every[name][1].get("control_after_generate") else 1
+                               for name in widgets)
+            assert len(node["widgets_values"]) == expected_len, (path.name, node["type"], widgets)
+
+
+def _is_socket(definition) -> bool:
+    kind = definition[0]
+    return isinstance(kind, str) and kind.isupper() and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def _tiny(prompt: dict, lora: str = "tiny_tdm.safetensors") -> dict:
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if "ckpt_name" in inputs:
+            inputs["ckpt_name"] = "tiny_sd15.safetensors"
+        if "lora_name" in inputs:
+            inputs["lora_name"] = lora
+        if "width" in inputs:
+            inputs["width"] = inputs["height"] = 64
+    return prompt
+
+
+@pytest.mark.parametrize("name", ["sdxl_tdm_lora_4step", "sd15_dreamshaper_tdm_lora_4step"])
+def test_shipped_workflow_runs_end_to_end_on_a_tiny_model(comfy, name):
+    url, base, _ = comfy
+    prompt = _tiny(json.loads((ROOT / "workflows" / "api" / f"{name}.json").read_text()))
+    entry = _run_prompt(url, prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    outputs = entry["outputs"]
+    images = [img for out in outputs.values() for img in out.get("images", [])]
+    assert len(images) == 1
+    saved = base / "output" / images[0]["subfolder"] / images[0]["filename"]
+    from PIL import Image
+
+    with Image.open(saved) as image:
+        assert image.size == (64, 64)
+    summaries = [text for out in outputs.values() for text in out.get("text", [])]
+    assert any("strength 0.5 (metadata tdm.lora_strength)" in s for s in summaries), summaries
+    assert any("2 of 11 LoRA keys matched no weight" in s and "not_a_module_of_sd15" in s for s in summaries), summaries
+
+
+def test_lora_for_another_architecture_is_refused_with_its_keys(comfy):
+    url, _, _ = comfy
+    prompt = _tiny(json.loads((ROOT / "workflows" / "api" / "sd15_dreamshaper_tdm_lora_4step.json").read_text()),
+                   lora="not_sd15.safetensors")
+    entry = _run_prompt(url, prompt)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    message = errors[0][1]["exception_message"]
+    assert "not a LoRA for this model" in message and "transformer.transformer_blocks.0.attn.to_q" in message
+
+
+def test_sigmas_and_sampler_through_comfyuis_own_model_sampling_and_ksampler():
+    """Runs in ComfyUI's Python (no server): the TDM Scheduler's sigmas from ComfyUI's
+    ModelSampling classes equal the reference values, and the TDM Sampler driven by ComfyUI's
+    KSAMPLER machinery reproduces tdm_sample on an exact teacher."""
+    run = subprocess.run(
+        [COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "check_sampler_in_comfy.py"), str(ROOT)],
+        cwd=COMFYUI_DIR, env={**os.environ, "PYTHONPATH": COMFYUI_DIR}, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["sdxl_sigmas"] == pytest.approx([8.3028, 3.0098, 1.3672, 0.6299, 0.0], abs=1e-4)
+    assert out["pixart_sigmas"] == pytest.approx([60.27, 10.02, 2.622, 0.831, 0.0], rel=1e-3)
+    assert out["sdxl_timesteps_seen"] == [899.0, 674.0, 449.0, 224.0]
+    assert out["ksampler_vs_tdm_sample_max_abs"] < 1e-6
+    assert out["stock_scaling_max_abs"] > 1e-3  # ComfyUI's default noise scaling is off the trained start
+    assert out["callback_steps"] == [0, 1, 2, 3]
+    assert out["eta_half_finite"] and out["eta_half_differs"] > 1e-3
+    assert out["flow_model_timesteps"] == pytest.approx([999.83, 947.17, 856.90, 666.37], abs=0.01)

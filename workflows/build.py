@@ -2,7 +2,7 @@
 drop into ComfyUI, its API-format twin for POST /prompt (workflows/api/), and a .jpg thumbnail
 that draws the graph. Run after changing a node's inputs:
 
-    .venv/bin/python scripts/build_workflows.py
+    .venv/bin/python workflows/build.py
 
 The files are committed; tests check that they are current, well-formed, and (with ComfyUI)
 that every widget matches the running server's node definitions.

@@ -1,0 +1,2 @@
+"""Test double of ComfyUI 0.3.64's ``latent_preview`` (commit a125cd84): empty (the nodes only use
+it in execute(), which the schema tests never run)."""

@@ -1,0 +1,218 @@
+"""Without ComfyUI: every node's schema builds against test doubles of ComfyUI 0.3.64's API
+(tests/comfy_stubs), the TDM sampler decides max_denoise as intended, and the V3 entry point
+lists the nodes. The doubles have ComfyUI 0.3.64's constructor signatures, so a keyword ComfyUI
+does not know fails here too."""
+
+import ast
+import asyncio
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from comfy_stubs import HERE as STUBS_DIR
+from comfy_stubs import install
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = str(ROOT).replace(".", "_x_")  # the module name ComfyUI's load_custom_node gives the pack
+SIGMA_MAX = 14.6146  # SDXL's sigma at t = 999
+SDXL_TDM_SIGMAS = [8.3028, 3.0098, 1.3672, 0.6299, 0.0]  # t = 899, 674, 449, 224, then 0
+
+
+def _pack_modules() -> list[str]:
+    return [name for name in sys.modules if name == PACK_NAME or name.startswith(PACK_NAME + ".")]
+
+
+@pytest.fixture
+def stubs(monkeypatch):
+    """The ComfyUI doubles in sys.modules for this test only (monkeypatch removes them)."""
+    return install(monkeypatch)
+
+
+@pytest.fixture
+def pack(stubs):
+    """The pack imported as ComfyUI imports it, over the stubs. Its modules imported here (which
+    hold stub classes) are dropped afterwards and whatever was there before is put back, so later
+    tests import the pack in a clean state."""
+    saved = {name: sys.modules.pop(name) for name in _pack_modules()}
+    try:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name in _pack_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def _submodule(pack, name):
+    return importlib.import_module(f"{pack.__name__}.nodes{'.' + name if name else ''}")
+
+
+@pytest.fixture
+def schemas(pack):
+    """node_id -> Schema for every class of nodes.node_classes()."""
+    classes = _submodule(pack, "").node_classes()
+    built = [cls.define_schema() for cls in classes]
+    by_id = {schema.node_id: schema for schema in built}
+    assert len(by_id) == len(built), f"duplicate node ids: {[s.node_id for s in built]}"
+    return by_id
+
+
+def _ids(items):
+    return [item.id for item in items]
+
+
+def test_every_node_schema_builds_with_a_unique_tdm_id_the_tdm_category_and_a_display_name(pack, stubs, schemas):
+    io = stubs["comfy_api.latest._io"]
+    classes = _submodule(pack, "").node_classes()
+    assert classes and all(issubclass(cls, io.ComfyNode) for cls in classes)
+    assert set(schemas) == {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader"}
+    for node_id, schema in schemas.items():
+        assert isinstance(schema, io.Schema)
+        schema.validate()  # input/output ids unique, as ComfyUI checks when it registers the node
+        assert node_id.startswith("TDM")
+        assert schema.category == "sampling/TDM"
+        assert isinstance(schema.display_name, str) and schema.display_name.strip()
+        assert schema.description
+        assert schema.outputs and all(isinstance(o, io.Output) for o in schema.outputs)
+        assert all(isinstance(i, io.Input) for i in schema.inputs)
+
+
+def test_scheduler_inputs_in_order_and_sigmas_output(stubs, schemas):
+    io = stubs["comfy_api.latest._io"]
+    schema = schemas["TDMScheduler"]
+    assert _ids(schema.inputs) == ["model", "preset", "steps", "total_steps", "shift", "custom_timesteps", "denoise"]
+    assert isinstance(schema.inputs[0], io.Model.Input)
+    assert [o.io_type for o in schema.outputs] == ["SIGMAS"]
+    preset = schema.inputs[1]
+    assert isinstance(preset, io.Combo.Input) and preset.default in preset.options
+
+
+def test_ksampler_takes_an_optional_negative_last_and_a_seed_with_control_after_generate(stubs, schemas):
+    io = stubs["comfy_api.latest._io"]
+    schema = schemas["TDMKSampler"]
+    negative = schema.inputs[-1]
+    assert negative.id == "negative" and negative.optional and negative.io_type == "CONDITIONING"
+    assert not any(i.optional for i in schema.inputs[:-1])
+    seed = {i.id: i for i in schema.inputs}["seed"]
+    assert isinstance(seed, io.Int.Input) and seed.control_after_generate is True
+    assert [o.io_type for o in schema.outputs] == ["LATENT"]
+
+
+def test_sampler_node_outputs_a_sampler(schemas):
+    assert [o.io_type for o in schemas["TDMSampler"].outputs] == ["SAMPLER"]
+
+
+def test_lora_loader_offers_comfyuis_lora_list(stubs, schemas):
+    lora_name = {i.id: i for i in schemas["TDMLoraLoader"].inputs}["lora_name"]
+    assert lora_name.io_type == "COMBO"
+    assert lora_name.options == stubs["folder_paths"].FILENAME_LIST
+    assert [o.io_type for o in schemas["TDMLoraLoader"].outputs] == ["MODEL"]
+
+
+def test_tdm_sampler_is_a_ksampler_with_eta_as_its_only_extra_option(pack, stubs):
+    sampling = _submodule(pack, "sampling")
+    ksampler = stubs["comfy.samplers"].KSAMPLER
+    sampler = sampling.tdm_sampler(0.3)
+    assert isinstance(sampler, ksampler) and type(sampler) is not ksampler
+    assert sampler.extra_options == {"eta": 0.3}
+    assert sampler.sampler_function is sampling.tdm_sampler_function
+
+
+def _model_wrap():
+    return SimpleNamespace(inner_model=SimpleNamespace(model_sampling=SimpleNamespace(sigma_max=SIGMA_MAX)))
+
+
+@pytest.mark.parametrize("latent, mask, expected", [
+    (torch.zeros(1, 4, 8, 8), None, True),  # txt2img: start from pure N(0, I) at t = 899
+    (torch.full((1, 4, 8, 8), 0.5), None, False),  # img2img: noise * sigma + latent, as ComfyUI
+    (torch.zeros(1, 4, 8, 8), torch.ones(1, 1, 8, 8), False),  # inpainting (a denoise mask)
+], ids=["txt2img", "img2img", "inpaint"])
+def test_max_denoise_below_sigma_max_only_for_txt2img(pack, latent, mask, expected):
+    sampler = _submodule(pack, "sampling").tdm_sampler(0.0)
+    sigmas = torch.tensor(SDXL_TDM_SIGMAS)
+    model_wrap = _model_wrap()
+    assert sigmas[0] < SIGMA_MAX and sampler.max_denoise(model_wrap, sigmas) is False  # before sample()
+    noise = torch.randn(1, 4, 8, 8)
+    assert sampler.sample(model_wrap, sigmas, {}, None, noise, latent_image=latent, denoise_mask=mask) is noise
+    assert sampler.max_denoise(model_wrap, sigmas) is expected
+
+
+def test_max_denoise_at_sigma_max_is_comfyuis_even_for_img2img(pack):
+    sampler = _submodule(pack, "sampling").tdm_sampler(0.0)
+    sigmas = torch.tensor([SIGMA_MAX, 1.0, 0.0])
+    sampler.sample(_model_wrap(), sigmas, {}, None, torch.randn(1, 4, 8, 8), latent_image=torch.ones(1, 4, 8, 8))
+    assert sampler.max_denoise(_model_wrap(), sigmas) is True
+
+
+def test_entry_point_extension_lists_exactly_the_node_classes(pack, stubs):
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, stubs["comfy_api.latest"].ComfyExtension)
+    assert asyncio.run(extension.get_node_list()) == _submodule(pack, "").node_classes()
+
+
+@pytest.mark.parametrize("build", [
+    lambda io: io.Int.Input("x", advanced=True),
+    lambda io: io.Combo.Input("x", options=["a"], force_input=True),  # Combo has no force_input in 0.3.64
+    lambda io: io.Model.Input("model", default=None),  # socket-only inputs take no default
+    lambda io: io.Sigmas.Output(name="SIGMAS"),
+    lambda io: io.Schema(node_id="X", search_aliases=["y"]),
+], ids=["Int.advanced", "Combo.force_input", "Model.default", "Output.name", "Schema.search_aliases"])
+def test_stub_refuses_keywords_unknown_to_comfyui_0_3_64(stubs, build):
+    with pytest.raises(TypeError):
+        build(stubs["comfy_api.latest._io"])
+
+
+def test_stubs_do_not_outlive_their_test():
+    assert not any(name == "comfy" or name.startswith(("comfy.", "comfy_api")) for name in sys.modules)
+    assert "folder_paths" not in sys.modules and "latent_preview" not in sys.modules
+
+
+# --- the doubles against ComfyUI's own source (needs COMFYUI_DIR, as the integration tests) ---
+
+def _init_params(tree, path):
+    """Parameters (name, kind, default source) of the __init__ of class `path` ("Int.Input")."""
+    body = tree.body
+    for name in path.split("."):
+        node = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == name)
+        body = node.body
+    init = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    a = init.args
+    positional = a.posonlyargs + a.args
+    defaults = [None] * (len(positional) - len(a.defaults)) + [ast.unparse(d) for d in a.defaults]
+    params = [(p.arg, "positional", d) for p, d in zip(positional, defaults)]
+    params += [(p.arg, "keyword-only", None if d is None else ast.unparse(d)) for p, d in zip(a.kwonlyargs, a.kw_defaults)]
+    params += [("*" + a.vararg.arg, "var", None)] if a.vararg else []
+    params += [("**" + a.kwarg.arg, "var", None)] if a.kwarg else []
+    return params
+
+
+def _dataclass_fields(tree, name):
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    return [(f.target.id, None if f.value is None else ast.unparse(f.value))
+            for f in node.body if isinstance(f, ast.AnnAssign)]
+
+
+@pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set: no ComfyUI source to compare with")
+def test_stub_signatures_equal_comfyuis():
+    latest = Path(os.environ["COMFYUI_DIR"]) / "comfy_api" / "latest"
+    real_io = ast.parse((latest / "_io.py").read_text())
+    stub_io = ast.parse((STUBS_DIR / "comfy_api" / "latest" / "_io.py").read_text())
+    for cls in ["Input", "WidgetInput", "Output", "NodeOutput", "Boolean.Input", "Int.Input", "Float.Input",
+                "String.Input", "Combo.Input", "Combo.Output"]:
+        assert _init_params(stub_io, cls) == _init_params(real_io, cls), cls
+    assert _dataclass_fields(stub_io, "Schema") == _dataclass_fields(real_io, "Schema")
+    real_ui = ast.parse((latest / "_ui.py").read_text())
+    stub_ui = ast.parse((STUBS_DIR / "comfy_api" / "latest" / "_ui.py").read_text())
+    assert _init_params(stub_ui, "PreviewText") == _init_params(real_ui, "PreviewText")
+    real_samplers = ast.parse((Path(os.environ["COMFYUI_DIR"]) / "comfy" / "samplers.py").read_text())
+    stub_samplers = ast.parse((STUBS_DIR / "comfy" / "samplers.py").read_text())
+    assert _init_params(stub_samplers, "KSAMPLER") == _init_params(real_samplers, "KSAMPLER")

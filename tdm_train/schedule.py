@@ -25,6 +25,16 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "flow_prediction", "sample")
 # finite and agrees with ComfyUI. v-, flow- and x0-predictions need no floor.
 ZERO_SNR_ALPHA_CUMPROD_FLOOR = 4.8973451890853435e-08
 
+# The training schedule of SD1.x / SDXL (and the toys that borrow it), as a diffusers config.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+}
+
 
 def _betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     """The Glide cosine schedule ("squaredcos_cap_v2"), in float64."""

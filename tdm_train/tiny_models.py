@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .schedule import SDXL_SCHEDULER_CONFIG  # noqa: F401  (re-exported for tests and benchmarks)
+
 # SDXL's UNet layout in miniature: a plain down block then cross-attention blocks, linear
 # projections, text_time added conditioning (pooled text embeds + 6 micro-conditions).
 TINY_SDXL_UNET = dict(
@@ -24,14 +26,6 @@ TINY_SDXL_UNET = dict(
     projection_class_embeddings_input_dim=8 * 6 + 32,
     norm_num_groups=8,
 )
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-}
 
 
 def tiny_sdxl_unet(seed: int = 0):

@@ -1,13 +1,8 @@
 import torch
 
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-}
+from tdm_train.schedule import SDXL_SCHEDULER_CONFIG
+
+SDXL_SCHEDULER = SDXL_SCHEDULER_CONFIG
 PIXART_SCHEDULER = {
     "_class_name": "DPMSolverMultistepScheduler",
     "beta_start": 0.0001,

@@ -20,22 +20,12 @@ import torch
 
 from ..distill import TDMConfig, TDMObjective
 from ..sampler import tdm_sample
-from ..schedule import NoiseSchedule
+from ..schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule
 from ..timesteps import tdm_timesteps
 from .gaussian_mixture import GaussianMixture
 from .metrics import energy_distance
 from .mlp import PreconditionedMLP
 from .plot import scatter_panels
-
-# SDXL's / SD1.5's training schedule, as a diffusers scheduler config.
-SCALED_LINEAR_CONFIG = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-}
-
 
 @dataclass
 class GMMDemoConfig:
@@ -98,7 +88,7 @@ def run_gmm_demo(
     cfg = cfg or GMMDemoConfig()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    schedule = NoiseSchedule.from_diffusers_config(SCALED_LINEAR_CONFIG)
+    schedule = NoiseSchedule.from_diffusers_config(SDXL_SCHEDULER_CONFIG)
     gmm = GaussianMixture.ring(cfg.num_modes, cfg.radius, cfg.mode_std)
     teacher = lambda x, t, cond: gmm.x0_posterior_mean(x, t, schedule)  # noqa: E731
     grid = cfg.tdm.grid(schedule.num_train_timesteps)

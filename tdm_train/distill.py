@@ -24,6 +24,8 @@ from .sampler import TDMTrajectory, predicted_noise, tdm_sample
 from .schedule import NoiseSchedule
 from .timesteps import tdm_timesteps
 
+# f(x_t, t, cond) -> x0. A teacher may also offer paired(x_t, t, cond, uncond) -> (x0_cond, x0_uncond)
+# that evaluates both in one batched forward; the generator loss uses it when CFG is on.
 X0Predictor = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
@@ -136,8 +138,13 @@ class TDMObjective:
         x_tau, tau, _, _ = self._diffused_point(x0_hat, eps_hat, t, step_index, generator)
         x_tau = x_tau.detach()
         with torch.no_grad():
-            teacher_cond = teacher(x_tau, tau, cond)
-            teacher_uncond = teacher(x_tau, tau, uncond) if cfg.guidance_scale != 1.0 else None
+            paired = getattr(teacher, "paired", None)
+            if cfg.guidance_scale == 1.0:
+                teacher_cond, teacher_uncond = teacher(x_tau, tau, cond), None
+            elif paired is not None:  # conditional and unconditional in one batched forward
+                teacher_cond, teacher_uncond = paired(x_tau, tau, cond, uncond)
+            else:
+                teacher_cond, teacher_uncond = teacher(x_tau, tau, cond), teacher(x_tau, tau, uncond)
             teacher_x0 = obj.cfg_x0(teacher_cond, teacher_uncond, cfg.guidance_scale)
             fake_x0 = fake(x_tau, tau, cond)
             target = obj.generator_target(x0_hat, teacher_x0, fake_x0)

@@ -1,0 +1,7 @@
+"""Backbones seen through the x0-predictor protocol: each backend turns its network's raw output
+into x0 on the schedule of the model's own scheduler config, and knows its conditioning."""
+
+from .base import Backend, RoleFunction
+from .sdxl import SDXLBackend
+
+__all__ = ["Backend", "RoleFunction", "SDXLBackend"]

@@ -1,0 +1,328 @@
+"""The TDM training loop for diffusers backbones: explicit, accelerate-style.
+
+One base network carries both LoRA adapters (roles.py); each iteration runs the TDM_SPEC
+iteration from the core (distill.py): ``fake_updates_per_generator`` fake-score updates, each on
+its own fresh rollout, then one generator update on the last rollout. Several processes train
+data-parallel: each draws its own batch, and the active adapter's gradients are averaged across
+processes by hand (one module with two adapters under DDP needs find_unused_parameters and
+still trips over the alternating updates; the LoRA gradients are small).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .backends.base import Backend, Condition, RoleFunction
+from .distill import TDMConfig, TDMObjective
+from .roles import AdapterRoles, lora_config
+
+logger = logging.getLogger("tdm_train")
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many non-finite losses in a row)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/tdm"
+    max_train_steps: int = 500
+    train_batch_size: int = 1
+    learning_rate: float = 2e-5  # the fake score's; the student's is learning_rate * generator_lr_ratio
+    generator_lr_ratio: float = 0.2  # demo: lr / 5 (paper PixArt: 1/10)
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.95  # demo; the paper reports 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # generator only, as in the demo
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    lora_target_modules: tuple[str, ...] | None = None  # None: the backend's default
+    mixed_precision: str = "no"  # "no", "fp16", "bf16": the frozen base's dtype; LoRA stays fp32
+    gradient_checkpointing: bool = False
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None
+    seed: int = 0
+    fake_updates_per_generator: int = 1  # TTUR
+    max_nonfinite_in_a_row: int = 5
+    tdm: TDMConfig = field(default_factory=TDMConfig)
+
+    def __post_init__(self):
+        problems = []
+        if self.max_train_steps < 1:
+            problems.append("--max_train_steps must be >= 1")
+        if self.train_batch_size < 1:
+            problems.append("--train_batch_size must be >= 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.fake_updates_per_generator < 1:
+            problems.append("--fake_updates_per_generator must be >= 1")
+        if self.lora_rank < 1:
+            problems.append("--lora_rank must be >= 1")
+        if self.checkpointing_steps < 1:
+            problems.append("--checkpointing_steps must be >= 1")
+        if self.max_nonfinite_in_a_row < 1:
+            problems.append("--max_nonfinite_in_a_row must be >= 1")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.mixed_precision]
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["lora_target_modules"] = list(self.lora_target_modules or [])
+        return data
+
+
+def _all_reduce_mean(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Average the gradients of ``params`` over every process (one flat all-reduce)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def _finite(loss: torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss).all())
+
+
+class TDMTrainer:
+    """Distils ``backend``'s model into a K-step student LoRA on a bank of prompt conditions."""
+
+    def __init__(self, backend: Backend, conditions: Condition, config: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        self.backend, self.config = backend, config
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.rank = self.accelerator.process_index
+        self.world_size = self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.output_dir = Path(config.output_dir)
+        self.conditions = {k: v.to(self.device) for k, v in conditions.items()}
+        self.num_prompts = next(iter(conditions.values())).shape[0]
+
+        model = backend.model
+        model.to(self.device)
+        if config.weight_dtype != torch.float32:
+            model.to(config.weight_dtype)  # the frozen base; LoRA parameters are cast back to fp32 below
+        targets = config.lora_target_modules or backend.default_lora_targets
+        adapter = lora_config(config.lora_rank, config.lora_alpha, targets)
+        self.roles = AdapterRoles(model, adapter)
+        self.roles.cast_adapters(torch.float32)
+        self._sync_adapters()
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        self.student, self.teacher, self.fake = (RoleFunction(backend, self.roles, r) for r in ("student", "teacher", "fake"))
+        self.objective = TDMObjective(backend.schedule, config.tdm)
+
+        betas = (config.adam_beta1, config.adam_beta2)
+        self.optimizers = {
+            "fake": torch.optim.AdamW(self.roles.parameters("fake"), lr=config.learning_rate, betas=betas,
+                                      weight_decay=config.adam_weight_decay, eps=config.adam_epsilon),
+            "student": torch.optim.AdamW(self.roles.parameters("student"),
+                                         lr=config.learning_rate * config.generator_lr_ratio, betas=betas,
+                                         weight_decay=config.adam_weight_decay, eps=config.adam_epsilon),
+        }
+        from diffusers.optimization import get_scheduler
+
+        self.schedulers = {
+            "student": get_scheduler(config.lr_scheduler, self.optimizers["student"],
+                                     num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps),
+            "fake": get_scheduler("constant", self.optimizers["fake"]),  # the fake score runs at a constant rate
+        }
+        # all randomness of the loop (batches, noise, k, tau, z) comes from this per-process generator
+        self.generator = torch.Generator().manual_seed(config.seed + 1000 * self.rank)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
+        self.history: list[dict] = []
+
+    # -------------------------------------------------------------- one iteration
+    def _batch(self) -> tuple[torch.Tensor, Condition, Condition]:
+        index = torch.randint(self.num_prompts, (self.config.train_batch_size,), generator=self.generator)
+        cond = Backend.select(self.conditions, index.to(self.device))
+        noise = torch.randn(self.backend.latent_shape(self.config.train_batch_size), generator=self.generator)
+        return noise.to(self.device), cond, self.backend.unconditional(cond)
+
+    def _apply(self, loss: torch.Tensor, adapter: str, clip: float | None) -> float | None:
+        """Backward, average over processes, clip, step. Returns the grad norm, or None when the
+        loss was not finite (then nothing is applied)."""
+        optimizer = self.optimizers[adapter]
+        params = self.roles.parameters(adapter)
+        loss.backward()
+        _all_reduce_mean(params, self.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        log: dict = {}
+        nonfinite = False
+        for _ in range(cfg.fake_updates_per_generator):
+            noise, cond, uncond = self._batch()
+            with self.roles.use("student"):
+                trajectory = self.objective.rollout(self.student, noise, cond)
+            with self.roles.use("fake"):
+                fake_loss, stats = self.objective.fake_score_loss(self.fake, trajectory, cond, self.generator)
+                fake_ok = _finite(self._reduce(fake_loss))
+                norm = self._apply(fake_loss, "fake", None) if fake_ok else None
+                if norm is None:
+                    self.optimizers["fake"].zero_grad(set_to_none=True)
+                    nonfinite = True
+            log.update(fake_loss=float(fake_loss.detach()), fake_grad_norm=norm, **stats)
+        with self.roles.use("student"):
+            gen_loss, stats = self.objective.generator_loss(
+                self.student, self.teacher, self.fake, trajectory, cond, uncond, self.generator)
+            gen_ok = _finite(self._reduce(gen_loss))
+            norm = self._apply(gen_loss, "student", cfg.max_grad_norm) if gen_ok else None
+            if norm is None:
+                self.optimizers["student"].zero_grad(set_to_none=True)
+                nonfinite = True
+        self.schedulers["student"].step()
+        self.schedulers["fake"].step()
+        log.update(generator_loss=float(gen_loss.detach()), generator_grad_norm=norm, lr=self.schedulers["student"].get_last_lr()[0],
+                   **stats)
+        self.step += 1
+        if nonfinite:
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+            log["skipped_nonfinite"] = True
+            if self.nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                raise TrainingStopped(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row (at step {self.step}); stopped. "
+                    f"The last good checkpoint in {self.output_dir} is intact; lower --learning_rate, use bf16 "
+                    "instead of fp16, or raise --max_nonfinite_in_a_row"
+                )
+        else:
+            self.nonfinite_in_a_row = 0
+        log["step"] = self.step
+        self.history.append(log)
+        return log
+
+    def _reduce(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss every process agrees on for the finiteness check (a NaN on any rank skips all)."""
+        if self.world_size == 1:
+            return loss.detach()
+        import torch.distributed as dist
+
+        flag = loss.detach().clone().reshape(1)
+        dist.all_reduce(flag)
+        return flag
+
+    def _sync_adapters(self) -> None:
+        """Start every process from the main process's adapter initialisation."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        for adapter in ("student", "fake"):
+            for p in self.roles.parameters(adapter):
+                dist.broadcast(p.data, src=0)
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        final = self.output_dir / f"checkpoint-{self.step}"
+        tmp = self.output_dir / f"checkpoint-{self.step}.tmp"
+        if self.accelerator.is_main_process:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            state = {"step": self.step, "nonfinite_total": self.nonfinite_total,
+                     "nonfinite_in_a_row": self.nonfinite_in_a_row, "world_size": self.world_size,
+                     "timesteps": self.objective.timesteps, "backend": self.backend.name,
+                     "config": self.config.to_json()}
+            ckpt.write_shared(tmp, {a: self.roles.state_dict(a) for a in ("student", "fake")},
+                              self.optimizers, self.schedulers, state)
+        self.accelerator.wait_for_everyone()
+        ckpt.write_rng(tmp, self.rank, self.generator)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            ckpt.finalize(tmp, final)
+            ckpt.rotate(self.output_dir, self.config.checkpoints_total_limit)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        data = ckpt.load(path, self.rank)
+        state = data["state"]
+        if state.get("world_size", 1) != self.world_size:
+            raise ValueError(f"{path} was written by {state['world_size']} processes; resume with the same number "
+                             f"(now {self.world_size})")
+        if state.get("timesteps") != self.objective.timesteps:
+            raise ValueError(f"{path} trained on timesteps {state.get('timesteps')}, this run uses "
+                             f"{self.objective.timesteps}; resume with the same grid")
+        for adapter in ("student", "fake"):
+            self.roles.load_state_dict(adapter, {k: v.to(self.device) for k, v in data["adapters"][adapter].items()})
+            self.optimizers[adapter].load_state_dict(data["optimizers"][adapter])
+            self.schedulers[adapter].load_state_dict(data["schedulers"][adapter])
+        self.generator.set_state(data["rng"]["generator"])
+        torch.set_rng_state(data["rng"]["torch"])
+        self.step = state["step"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+
+    # -------------------------------------------------------------- the loop
+    def train(self, progress: bool = True) -> dict:
+        cfg = self.config
+        resume = ckpt.resolve_resume(self.output_dir, cfg.resume_from_checkpoint)
+        if resume is not None:
+            self.load_checkpoint(resume)
+            logger.info("resumed from %s at step %d", resume, self.step)
+        elif cfg.resume_from_checkpoint and self.accelerator.is_main_process:
+            logger.warning("--resume_from_checkpoint %s: no checkpoint in %s yet, starting fresh",
+                           cfg.resume_from_checkpoint, self.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if progress and self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_train_steps, initial=self.step, desc="TDM", dynamic_ncols=True)
+        while self.step < cfg.max_train_steps:
+            log = self.train_step()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(gen=f"{log['generator_loss']:.4g}", fake=f"{log['fake_loss']:.4g}")
+            due = self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_train_steps
+            if due and not self.nonfinite_in_a_row:  # never checkpoint in the middle of a non-finite streak
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        summary = {"step": self.step, "nonfinite_total": self.nonfinite_total}
+        if self.accelerator.is_main_process:
+            (self.output_dir / "train_history.json").write_text(json.dumps(self.history, indent=1))
+        return summary
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        state = self.roles.state_dict("student")
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingStopped(f"the student LoRA has non-finite weights ({bad[:4]}); not saving it")
+        return state
+

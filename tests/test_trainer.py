@@ -128,3 +128,33 @@ def test_bad_training_configs_fail_before_any_model_is_built():
         TrainConfig(mixed_precision="fp8")
     with pytest.raises(ValueError, match="max_train_steps"):
         TrainConfig(max_train_steps=0)
+
+
+def test_two_cpu_processes_over_gloo_train_one_synchronised_student(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(root)}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(29500 + os.getpid() % 1000),
+         str(root / "tests" / "multiprocess" / "train_two_processes.py"), str(tmp_path)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    ranks = [load_file(str(tmp_path / f"student_rank{r}.safetensors")) for r in (0, 1)]
+    initial = [load_file(str(tmp_path / f"initial_rank{r}.safetensors")) for r in (0, 1)]
+    for key in ranks[0]:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)  # one model, two processes
+        torch.testing.assert_close(initial[0][key], initial[1][key], rtol=0, atol=0)  # synced at start
+    assert max((ranks[0][k] - initial[0][k]).abs().max() for k in ranks[0]) > 0
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2

@@ -317,7 +317,18 @@ class TDMTrainer:
         summary = {"step": self.step, "nonfinite_total": self.nonfinite_total}
         if self.accelerator.is_main_process:
             (self.output_dir / "train_history.json").write_text(json.dumps(self.history, indent=1))
+            summary["lora_files"] = [str(p) for p in self.export_lora()]
+        self.accelerator.wait_for_everyone()
         return summary
+
+    def export_lora(self) -> tuple[Path, Path]:
+        """The final student LoRA: diffusers file, ComfyUI file, model card (lora_export.py)."""
+        from .lora_export import save_student_lora
+
+        cfg = self.config
+        targets = cfg.lora_target_modules or self.backend.default_lora_targets
+        return save_student_lora(self.output_dir, self.backend.name, self.student_state(), cfg.lora_rank,
+                                 cfg.lora_alpha, targets, self.objective.timesteps, self.step)
 
     def student_state(self) -> dict[str, torch.Tensor]:
         state = self.roles.state_dict("student")

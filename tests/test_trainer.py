@@ -40,7 +40,10 @@ def test_trains_both_adapters_and_writes_checkpoints(tmp_path):
     trainer = make_trainer(tmp_path, checkpoints_total_limit=None)
     before = {a: trainer.roles.state_dict(a) for a in ("student", "fake")}
     summary = trainer.train(progress=False)
-    assert summary == {"step": 4, "nonfinite_total": 0}
+    assert summary["step"] == 4 and summary["nonfinite_total"] == 0
+    assert {p.split("/")[-1] for p in summary["lora_files"]} == {"pytorch_lora_weights.safetensors",
+                                                                 "tdm_lora_comfyui.safetensors"}
+    assert (tmp_path / "README.md").is_file()
     for adapter in ("student", "fake"):
         after = trainer.roles.state_dict(adapter)
         assert max((after[k] - before[adapter][k]).abs().max() for k in after) > 0

@@ -1,0 +1,165 @@
+"""The student LoRA as files that load everywhere, with their true alpha.
+
+- ``pytorch_lora_weights.safetensors`` (the name diffusers looks for): raw peft keys under the
+  pipeline's component prefix (``unet.`` / ``transformer.``) plus diffusers' ``lora_adapter_metadata``
+  header, so ``load_lora_weights`` loads every module at the trained scale. (Converting the keys
+  with ``convert_state_dict_to_diffusers`` drops SDXL's attention modules on load; a file without
+  the metadata loads at scale 1 instead of alpha / rank.)
+- ``tdm_lora_comfyui.safetensors``: for SDXL, kohya names (``lora_unet_<module_path>``,
+  ``lora_down`` / ``lora_up``) with a ``.alpha`` tensor holding the TRUE alpha (diffusers'
+  ``convert_state_dict_to_kohya`` writes alpha = rank); for PixArt, ``transformer.`` peft keys
+  with ``.alpha`` tensors; CogVideoX (not in ComfyUI core) the diffusers format.
+
+Both carry kohya ``ss_*`` / ``modelspec.*`` fields and our ``tdm.*`` fields (timesteps, K,
+recommended CFG 1 and strength), and a model card next to them gives the inference settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .lora_metadata import SETTINGS_KEY, STRENGTH_KEY
+
+DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
+COMFYUI_FILE = "tdm_lora_comfyui.safetensors"
+
+# per backend: the diffusers pipeline component, the SAI model-spec architecture, kohya's base model id
+ARCHITECTURES = {
+    "sdxl": ("unet", "stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0"),
+    "pixart": ("transformer", "pixart-alpha/lora", "pixart_alpha"),
+    "cogvideox": ("transformer", "cogvideox-2b/lora", "cogvideox_2b"),
+}
+
+
+def _modules(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """peft keys ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` grouped by module."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if key.endswith(marker):
+                modules.setdefault(key[: -len(marker)], {})[part] = value
+                break
+        else:
+            raise ValueError(f"unexpected key in a LoRA state dict: {key}")
+    incomplete = [m for m, parts in modules.items() if set(parts) != {"lora_A", "lora_B"}]
+    if incomplete:
+        raise ValueError(f"LoRA modules missing lora_A or lora_B: {incomplete[:5]}")
+    return modules
+
+
+def diffusers_state_dict(state: Mapping[str, torch.Tensor], component: str) -> dict[str, torch.Tensor]:
+    return {f"{component}.{key}": value for key, value in state.items()}
+
+
+def kohya_state_dict(state: Mapping[str, torch.Tensor], alpha: float, prefix: str = "lora_unet") -> dict:
+    """kohya / ComfyUI names with the true alpha per module."""
+    out = {}
+    for module, parts in _modules(state).items():
+        name = f"{prefix}_{module.replace('.', '_')}"
+        out[f"{name}.lora_down.weight"] = parts["lora_A"]
+        out[f"{name}.lora_up.weight"] = parts["lora_B"]
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def transformer_alpha_state_dict(state: Mapping[str, torch.Tensor], alpha: float, component: str) -> dict:
+    """``transformer.<module>.lora_A/B.weight`` plus ``<module>.alpha`` (ComfyUI's PixArt key map)."""
+    out = {}
+    for module, parts in _modules(state).items():
+        out[f"{component}.{module}.lora_A.weight"] = parts["lora_A"]
+        out[f"{component}.{module}.lora_B.weight"] = parts["lora_B"]
+        out[f"{component}.{module}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def lora_metadata(backend_name: str, rank: int, alpha: float, target_modules, timesteps: list[int],
+                  steps_trained: int, extra_sampling: dict | None = None, title: str = "TDM student") -> dict[str, str]:
+    component, architecture, base_version = ARCHITECTURES[backend_name]
+    sampling = {"timesteps": list(timesteps), "num_steps": len(timesteps), "cfg": 1.0, **(extra_sampling or {})}
+    return {
+        "format": "pt",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": base_version,
+        "ss_max_train_steps": str(steps_trained),
+        "ss_training_comment": "TDM (Trajectory Distribution Matching) few-step student, data-free",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title,
+        "tdm.timesteps": json.dumps(list(timesteps)),
+        "tdm.num_steps": str(len(timesteps)),
+        "tdm.recommended_cfg": "1.0",
+        STRENGTH_KEY: "1.0",
+        SETTINGS_KEY: json.dumps(sampling),
+        "tdm.target_modules": json.dumps(sorted(target_modules)),
+    }
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[str, torch.Tensor], rank: int,
+                      alpha: float, target_modules, timesteps: list[int], steps_trained: int,
+                      extra_sampling: dict | None = None) -> tuple[Path, Path]:
+    """Writes both files and the model card; returns (diffusers file, ComfyUI file)."""
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to save a LoRA with non-finite weights: {bad[:4]}")
+    component = ARCHITECTURES[backend_name][0]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    meta = lora_metadata(backend_name, rank, alpha, target_modules, timesteps, steps_trained, extra_sampling)
+
+    peft_config = {"r": rank, "lora_alpha": float(alpha), "target_modules": sorted(target_modules),
+                   "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False}
+    diffusers_meta = {**meta, "lora_adapter_metadata": json.dumps(
+        {f"{component}.{k}": v for k, v in peft_config.items()}, indent=2, sort_keys=True)}
+    diffusers_path = output_dir / DIFFUSERS_FILE
+    _atomic_save(diffusers_state_dict(state, component), diffusers_path, diffusers_meta)
+
+    comfy_path = output_dir / COMFYUI_FILE
+    if backend_name == "sdxl":
+        comfy = kohya_state_dict(state, alpha)
+    elif backend_name == "pixart":
+        comfy = transformer_alpha_state_dict(state, alpha, component)
+    else:
+        comfy = diffusers_state_dict(state, component)
+    _atomic_save(comfy, comfy_path, meta)
+    _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained)
+    return diffusers_path, comfy_path
+
+
+def _write_model_card(output_dir: Path, backend_name: str, rank: int, alpha: float, timesteps: list[int],
+                      steps_trained: int) -> None:
+    grid = ", ".join(str(t) for t in timesteps)
+    card = f"""# TDM student LoRA ({backend_name})
+
+Distilled with TDM (Trajectory Distribution Matching, Luo et al., ICCV 2025) by ComfyUI-TDM:
+{steps_trained} training steps, LoRA rank {rank}, alpha {alpha:g} (scale {alpha / rank:g}).
+
+## Inference settings (the ones it was trained for)
+- {len(timesteps)} steps at exactly these timesteps: **{grid}**, starting from pure N(0, I) noise
+  at {timesteps[0]}, deterministic DDIM steps (eta 0), guidance scale **1** (no CFG), LoRA strength 1.
+- ComfyUI: `{COMFYUI_FILE}` in `models/loras`, TDM LoRA Loader (strength "recorded") and
+  TDM KSampler with preset `custom` and timesteps `{grid}` (or `tdm_uniform` when they are the
+  uniform grid), cfg 1.
+- diffusers: `pipe.load_lora_weights("{output_dir.name}")` loads `{DIFFUSERS_FILE}` at its trained
+  scale; sample with `tdm_train.tdm_sample(...)` on the grid above (stock schedulers space their
+  timesteps differently, e.g. 999/749/499/249).
+"""
+    tmp = output_dir / "README.md.tmp"
+    tmp.write_text(card)
+    os.replace(tmp, output_dir / "README.md")

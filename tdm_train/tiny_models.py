@@ -46,3 +46,40 @@ def tiny_sdxl_conditioning(batch: int, seed: int = 0) -> dict:
             "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(batch, 1),
         },
     }
+
+
+def tiny_pixart_transformer(sample_size: int = 8, seed: int = 0):
+    """A tiny PixArtTransformer2DModel (learned sigma: 8 output channels). ``sample_size=128`` takes
+    the 1024-model path with resolution / aspect-ratio micro-conditions."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        sample_size=sample_size, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+
+
+PIXART_SCHEDULER_CONFIG = {"_class_name": "DPMSolverMultistepScheduler", "beta_start": 0.0001, "beta_end": 0.02,
+                           "beta_schedule": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+
+
+def tiny_cogvideox_transformer(seed: int = 0):
+    """A tiny CogVideoXTransformer3DModel shaped like CogVideoX-2B (no rotary embeddings)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16,
+    ).eval()
+
+
+# CogVideoX-2B's scheduler (v-prediction, zero terminal SNR, SNR shift 3)
+COGVIDEOX_2B_SCHEDULER_CONFIG = {"_class_name": "CogVideoXDDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+                                 "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                 "snr_shift_scale": 3.0, "timestep_spacing": "trailing"}

@@ -2,6 +2,8 @@
 into x0 on the schedule of the model's own scheduler config, and knows its conditioning."""
 
 from .base import Backend, RoleFunction
+from .cogvideox import CogVideoXBackend
+from .pixart import PixArtBackend
 from .sdxl import SDXLBackend
 
-__all__ = ["Backend", "RoleFunction", "SDXLBackend"]
+__all__ = ["Backend", "CogVideoXBackend", "PixArtBackend", "RoleFunction", "SDXLBackend"]

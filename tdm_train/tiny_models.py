@@ -83,3 +83,94 @@ COGVIDEOX_2B_SCHEDULER_CONFIG = {"_class_name": "CogVideoXDDIMScheduler", "beta_
                                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
                                  "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
                                  "snr_shift_scale": 3.0, "timestep_spacing": "trailing"}
+
+
+# ----------------------------------------------------------------------------- tiny pipeline folders
+_T5_WORDS = ("a photo of the cat dog red blue green astronaut horse moon riding on in with city night "
+             "painting portrait forest river mountain car").split()
+
+
+def _clip_tokenizer():
+    """A byte-level CLIP tokenizer with no merges (514 tokens), built offline."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tokenizer.model_max_length = 77
+    return tokenizer
+
+
+def _t5_tokenizer():
+    """A word-level T5-style tokenizer (pad 0, eos 1, unk 2) built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>", "<unk>", *_T5_WORDS]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_pipeline(folder, backbone: str, seed: int = 0):
+    """Writes a complete tiny diffusers pipeline folder (model_index.json, scheduler, text
+    encoder(s) and tokenizer(s), denoiser, VAE) for ``backbone`` in sdxl / pixart / cogvideox."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if backbone == "sdxl":
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        tokenizer = _clip_tokenizer()
+        text_config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37,
+                                     layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5,
+                                     vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=32)
+        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            cls(text_config).save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / "tokenizer")
+        tokenizer.save_pretrained(folder / "tokenizer_2")
+        tiny_sdxl_unet(seed).save_pretrained(folder / "unet")
+        scheduler, pipeline = dict(SDXL_SCHEDULER_CONFIG), "StableDiffusionXLPipeline"
+        components = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    else:
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer = _t5_tokenizer()
+        T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).save_pretrained(
+            folder / "text_encoder")
+        tokenizer.save_pretrained(folder / "tokenizer")
+        if backbone == "pixart":
+            tiny_pixart_transformer(8, seed).save_pretrained(folder / "transformer")
+            scheduler, pipeline = dict(PIXART_SCHEDULER_CONFIG), "PixArtAlphaPipeline"
+            denoiser = ["diffusers", "PixArtTransformer2DModel"]
+        elif backbone == "cogvideox":
+            tiny_cogvideox_transformer(seed).save_pretrained(folder / "transformer")
+            scheduler, pipeline = dict(COGVIDEOX_2B_SCHEDULER_CONFIG), "CogVideoXPipeline"
+            denoiser = ["diffusers", "CogVideoXTransformer3DModel"]
+        else:
+            raise ValueError(f"unknown backbone {backbone!r}")
+        components = {"transformer": denoiser, "text_encoder": ["transformers", "T5EncoderModel"],
+                      "tokenizer": ["transformers", "T5Tokenizer"]}
+    if backbone != "cogvideox":
+        AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                      down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                      latent_channels=4, sample_size=32, norm_num_groups=8).save_pretrained(folder / "vae")
+        components["vae"] = ["diffusers", "AutoencoderKL"]
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    components["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **components}, indent=2))
+    return folder

@@ -289,7 +289,8 @@ class TDMTrainer:
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
 
     # -------------------------------------------------------------- the loop
-    def train(self, progress: bool = True) -> dict:
+    def train(self, progress: bool = True, on_step=None) -> dict:
+        """Run to max_train_steps (resuming if asked); ``on_step(trainer)`` runs after every step."""
         cfg = self.config
         resume = ckpt.resolve_resume(self.output_dir, cfg.resume_from_checkpoint)
         if resume is not None:
@@ -306,6 +307,10 @@ class TDMTrainer:
             bar = tqdm(total=cfg.max_train_steps, initial=self.step, desc="TDM", dynamic_ncols=True)
         while self.step < cfg.max_train_steps:
             log = self.train_step()
+            if self.accelerator.trackers:
+                self.accelerator.log({k: v for k, v in log.items() if isinstance(v, (int, float))}, step=self.step)
+            if on_step is not None:
+                on_step(self)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(gen=f"{log['generator_loss']:.4g}", fake=f"{log['fake_loss']:.4g}")

@@ -1,0 +1,128 @@
+"""`python -m tdm_train` on tiny pipeline folders: detection, prompt files, config files with flag
+overrides, outputs, resume, validation images, and bad input refused before any model loads."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from tdm_train.cli import parse_args  # noqa: E402
+from tdm_train.prompts import read_prompts  # noqa: E402
+from tdm_train.tiny_models import save_tiny_pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipelines")
+    return {bb: save_tiny_pipeline(base / bb, bb) for bb in ("sdxl", "pixart", "cogvideox")}
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photo of a cat\n\na red horse on the moon\nan astronaut riding a horse\n")
+    return path
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "tdm_train", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_sdxl_run_from_a_config_file_with_flag_overrides_then_resume(pipelines, prompts, tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "tdm.toml"
+    config.write_text(f'pretrained_teacher_model = "{pipelines["sdxl"]}"\nprompts = "{prompts}"\n'
+                      f'output_dir = "{out}"\nmax_train_steps = 99\nlora_rank = 4\nlora_alpha = 2\n'
+                      'resolution = 64\ncheckpointing_steps = 1\nreal_guidance_scale = 2.0\n')
+    first = run("--config", config, "--max_train_steps", "2", "--validation_steps", "2",
+                "--validation_teacher_steps", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "TDM sdxl: 2 steps, 0 skipped" in first.stdout  # the flag beat the file's 99
+    for name in ("pytorch_lora_weights.safetensors", "tdm_lora_comfyui.safetensors", "README.md",
+                 "checkpoint-1", "checkpoint-2", "validation/step-000002.png"):
+        assert (out / name).exists(), name
+    assert len(list((out / "cache").glob("prompt_cache_*.safetensors"))) == 1
+    second = run("--config", config, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "TDM sdxl: 3 steps" in second.stdout and (out / "checkpoint-3").is_dir()
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["config"]["lora_alpha"] == 2.0 and state["config"]["tdm"]["guidance_scale"] == 2.0
+
+
+@pytest.mark.parametrize("backbone, extra", [
+    ("pixart", ["--resolution", "64", "--real_guidance_scale", "3.5"]),
+    ("cogvideox", ["--height", "16", "--width", "16", "--frames", "9", "--student_timesteps", "999,856,665,399"]),
+])
+def test_pixart_and_cogvideox_runs(pipelines, prompts, tmp_path, backbone, extra):
+    out = tmp_path / backbone
+    result = run("--pretrained_teacher_model", pipelines[backbone], "--prompts", prompts, "--output_dir", out,
+                 "--max_train_steps", "1", "--lora_rank", "4", "--lora_alpha", "4", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"TDM {backbone}: 1 steps" in result.stdout
+    assert (out / "tdm_lora_comfyui.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--student_timesteps", "1200,500"], "outside"),
+    (["--student_timesteps", "899,674,449,224", "--num_steps", "2"], "does not match"),
+    (["--mixed_precision", "fp8"], "invalid choice"),
+    (["--max_train_steps", "0"], "max_train_steps"),
+])
+def test_bad_settings_fail_before_models_load(pipelines, prompts, tmp_path, args, message):
+    result = run("--pretrained_teacher_model", pipelines["sdxl"], "--prompts", prompts, "--output_dir",
+                 tmp_path / "never", *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "never" / "cache").exists()  # nothing was encoded
+
+
+def test_wrong_model_type_and_missing_inputs(tmp_path, prompts, pipelines):
+    other = tmp_path / "flux"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    result = run("--pretrained_teacher_model", other, "--prompts", prompts)
+    assert result.returncode == 2 and "FluxPipeline" in result.stderr and "StableDiffusionXLPipeline" in result.stderr
+    result = run("--pretrained_teacher_model", tmp_path / "nowhere", "--prompts", prompts)
+    assert result.returncode == 2 and "no such folder" in result.stderr
+    result = run("--pretrained_teacher_model", pipelines["sdxl"])
+    assert result.returncode == 2 and "--prompts is required" in result.stderr
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("pretrained_teacher_model: x\nlearning_rte: 1\n")
+    result = run("--config", bad_config)
+    assert result.returncode == 2 and "learning_rte" in result.stderr
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a cat"}\n\n{"text": "a dog", "id": 2}\n')
+    (tmp_path / "b.csv").write_text("id,caption\n1,a horse\n2,the moon\n")
+    (tmp_path / "c.csv").write_text("id,words\n1,a horse\n")
+    assert read_prompts(tmp_path / "a.jsonl") == ["a cat", "a dog"]
+    assert read_prompts(tmp_path / "b.csv") == ["a horse", "the moon"]
+    assert read_prompts(tmp_path / "c.csv", column="words") == ["a horse"]
+    with pytest.raises(ValueError, match="prompt_column"):
+        read_prompts(tmp_path / "c.csv")
+    (tmp_path / "d.md").write_text("x")
+    with pytest.raises(ValueError, match=".txt, .jsonl or .csv"):
+        read_prompts(tmp_path / "d.md")
+
+
+def test_yaml_config_values_and_help_lists_every_flag(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("pretrained_teacher_model: /x\nlora_target_modules: to_q,to_v\nstudent_timesteps: 999,500\n")
+    args = parse_args(["--config", str(config), "--seed", "7"])
+    assert args.lora_target_modules == ["to_q", "to_v"] and args.student_timesteps == [999, 500] and args.seed == 7
+    help_text = run("--help").stdout
+    for flag in ("--pretrained_teacher_model", "--output_dir", "--train_batch_size", "--max_train_steps",
+                 "--learning_rate", "--mixed_precision", "--gradient_checkpointing", "--lora_rank", "--lora_alpha",
+                 "--lora_target_modules", "--resolution", "--frames", "--checkpointing_steps",
+                 "--checkpoints_total_limit", "--resume_from_checkpoint", "--validation_steps", "--report_to",
+                 "--seed", "--student_timesteps", "--num_steps", "--total_steps", "--real_guidance_scale",
+                 "--tau_mode", "--loss", "--fake_updates_per_generator", "--config", "--backbone"):
+        assert flag in help_text, flag

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
                        help="dtype of the frozen base; LoRA weights and optimizer states stay fp32")
     train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--lora_rank", type=int, default=64)
-    train.add_argument("--lora_alpha", type=float, default=64.0)
+    train.add_argument("--lora_rank", type=int, default=32, help="default 32 (the authors' TDM-R1 LoRA)")
+    train.add_argument("--lora_alpha", type=float, default=64.0, help="default 64 (scale alpha/rank = 2, as TDM-R1)")
     train.add_argument("--lora_target_modules", type=_csv, default=None,
                        help="comma list (default: attention to_q,to_k,to_v,to_out.0)")
     train.add_argument("--resolution", type=int, default=1024, help="image side in pixels (SDXL, PixArt)")

@@ -44,7 +44,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # generator only, as in the demo
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
-    lora_rank: int = 64
+    lora_rank: int = 32  # the authors' own TDM-R1 LoRA: r 32, alpha 64
     lora_alpha: float = 64.0
     lora_target_modules: tuple[str, ...] | None = None  # None: the backend's default
     mixed_precision: str = "no"  # "no", "fp16", "bf16": the frozen base's dtype; LoRA stays fp32

@@ -100,7 +100,7 @@ def load(path: Path, rank: int) -> dict:
         )
     return {
         "state": state,
-        "adapters": {name: load_file(str(path / f"{name}.safetensors")) for name in ("student", "fake")},
+        "adapters": {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")},
         "optimizers": {name: torch.load(path / f"optimizer_{name}.pt", weights_only=True) for name in ("student", "fake")},
         "schedulers": {name: torch.load(path / f"scheduler_{name}.pt", weights_only=True) for name in ("student", "fake")},
         "rng": torch.load(rng_file, weights_only=True),

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CFG folded into the teacher (demo 4.5; paper PixArt 3.5, SDXL 8)")
     train.add_argument("--huber_c", type=float, default=1e-3)
     train.add_argument("--fake_updates_per_generator", type=int, default=1, help="TTUR ratio")
+    train.add_argument("--unify_steps", type=_int_list, default=None,
+                       help="sampling-steps-aware training: K drawn per sample from this set (e.g. 1,2,4), each on "
+                            "its uniform grid; the fake score is conditioned on K, the student stays one LoRA")
     train.add_argument("--max_nonfinite_in_a_row", type=int, default=5)
     return parser
 
@@ -164,6 +167,7 @@ def tdm_config(args: argparse.Namespace) -> TDMConfig:
         generator_loss=args.loss,
         huber_c=getattr(args, "huber_c", 1e-3),
         importance_weighting=not args.no_importance_weight,
+        unify_steps=tuple(args.unify_steps) if getattr(args, "unify_steps", None) else None,
     )
 
 

@@ -46,8 +46,19 @@ class TDMConfig:
     huber_c: float = 1e-3
     importance_weighting: bool = True
     snr_gamma: float | None = 5.0
+    # sampling-steps-aware training ("TDM-unify"): K drawn per sample from this set, each on its
+    # uniform grid; the fake score is told K (see step_condition.py), the student stays plain
+    unify_steps: tuple[int, ...] | None = None
 
     def __post_init__(self):
+        if self.unify_steps is not None:
+            steps = tuple(int(k) for k in self.unify_steps)
+            if not steps or any(k < 1 for k in steps) or len(set(steps)) != len(steps):
+                raise ValueError(f"unify_steps must be distinct step counts >= 1, got {self.unify_steps}")
+            if self.timesteps is not None:
+                raise ValueError("unify_steps uses the uniform grid of each K: drop the explicit timesteps")
+            self.unify_steps = tuple(sorted(steps))
+            self.num_steps = max(steps)
         if self.tau_mode not in obj.TAU_MODES:
             raise ValueError(f"tau_mode must be one of {obj.TAU_MODES}, got {self.tau_mode!r}")
         if self.mid_point not in obj.MID_POINTS:
@@ -58,7 +69,58 @@ class TDMConfig:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
 
     def grid(self, num_train_timesteps: int = 1000) -> list[int]:
+        """The student's grid (for unify_steps: the one of the largest K)."""
         return tdm_timesteps(self.num_steps, self.total_steps, self.timesteps, num_train_timesteps)
+
+    def grids(self, num_train_timesteps: int = 1000) -> dict[int, list[int]]:
+        """Every K trained and its grid."""
+        if self.unify_steps is None:
+            grid = self.grid(num_train_timesteps)
+            return {len(grid): grid}
+        return {k: tdm_timesteps(k, self.total_steps, num_train_timesteps=num_train_timesteps) for k in self.unify_steps}
+
+
+@dataclass
+class RolloutBatch:
+    """A batch of student trajectories, possibly of different lengths (TDM-unify): step k of
+    sample b started from ``states[k, b]`` at timestep ``grid[b, k]``; ``grid[b, num_steps[b]]``
+    is 0 (the level after the last step)."""
+
+    states: torch.Tensor  # [K_max, B, ...]
+    x0_preds: torch.Tensor
+    eps_preds: torch.Tensor
+    grid: torch.Tensor  # [B, K_max + 1], long
+    num_steps: torch.Tensor  # [B], long
+
+    @classmethod
+    def from_trajectory(cls, trajectory: TDMTrajectory) -> RolloutBatch:
+        states = torch.stack(trajectory.states)
+        batch = states.shape[1]
+        grid = torch.tensor(list(trajectory.timesteps) + [0], device=states.device).expand(batch, -1)
+        return cls(states, torch.stack(trajectory.x0_preds), torch.stack(trajectory.eps_preds), grid,
+                   torch.full((batch,), len(trajectory.timesteps), device=states.device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.states.shape[1]
+
+    @property
+    def sample(self) -> torch.Tensor:
+        b = torch.arange(self.batch_size, device=self.states.device)
+        return self.x0_preds[self.num_steps - 1, b]
+
+    def gather(self, step_index: torch.Tensor):
+        """(x_t, t, x0_hat, eps_hat) of step ``step_index[b]`` for every sample b."""
+        b = torch.arange(self.batch_size, device=self.states.device)
+        return self.states[step_index, b], self.grid[b, step_index], self.x0_preds[step_index, b], self.eps_preds[step_index, b]
+
+
+def _select(cond, index: torch.Tensor):
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[index] for k, v in cond.items()}
+    return cond[index]
 
 
 class TDMObjective:
@@ -71,45 +133,86 @@ class TDMObjective:
         self.schedule = schedule
         self.config = config or TDMConfig()
         self.timesteps = self.config.grid(schedule.num_train_timesteps)
+        self.grids = self.config.grids(schedule.num_train_timesteps)
         # tau must stay below T_s - margin in tail mode; an explicit grid implies T_s = t_K + 1
         self.total_steps = self.config.total_steps if self.config.timesteps is None else self.timesteps[0] + 1
 
     # -------------------------------------------------------------- shared pieces
-    def _draw_steps(self, batch: int, device, generator) -> torch.Tensor:
-        return torch.randint(len(self.timesteps), (batch,), generator=generator, device="cpu").to(device)
+    def _draw_steps(self, batch: RolloutBatch, generator) -> torch.Tensor:
+        """A step index per sample, uniform over that sample's own K steps."""
+        device = batch.states.device
+        if self.config.unify_steps is None:
+            return torch.randint(len(self.timesteps), (batch.batch_size,), generator=generator, device="cpu").to(device)
+        u = torch.rand(batch.batch_size, generator=generator, dtype=torch.float64)
+        return torch.floor(u * batch.num_steps.cpu().double()).long().to(device)
 
-    def _diffused_point(self, x0_hat, eps_hat, t, step_index, generator):
+    def _mid(self, batch: RolloutBatch, step_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The level s each step lands on: its next grid point (0 after the last), or the demo's
+        t_k - (T_s / K - 1)."""
+        if self.config.mid_point == "grid":
+            return batch.grid[torch.arange(batch.batch_size, device=t.device), step_index + 1]
+        return (t - (self.total_steps // batch.num_steps - 1)).clamp_min(0)
+
+    def _tell_fake_the_steps(self, fake, batch: RolloutBatch | None) -> None:
+        """With unify_steps, the fake score is conditioned on each sample's K (when it can be)."""
+        if self.config.unify_steps is not None and hasattr(fake, "set_num_steps"):
+            fake.set_num_steps(None if batch is None else batch.num_steps)
+
+    def _diffused_point(self, x0_hat, eps_hat, t, s, generator):
         """From the student's prediction at t, the trajectory point x_s and its diffusion to tau.
-        Returns (x_tau, tau, s, z)."""
+        Returns (x_tau, tau, z)."""
         cfg = self.config
-        s = obj.mid_timesteps(step_index, self.timesteps, cfg.mid_point, self.total_steps)
         tau = obj.sample_tau(t, s, self.total_steps, cfg.tau_mode, cfg.min_tau, cfg.tau_margin, generator=generator)
         alpha_s, sigma_s = self.schedule.coefficients(s, x0_hat)
         x_s = alpha_s * x0_hat + sigma_s * eps_hat  # the noisy trajectory point, never x0_hat itself
         z = torch.randn(x_s.shape, generator=generator, device="cpu", dtype=x_s.dtype).to(x_s.device)
-        return obj.diffuse(x_s, self.schedule, s, tau, z), tau, s, z
+        return obj.diffuse(x_s, self.schedule, s, tau, z), tau, z
 
     # -------------------------------------------------------------- the three parts
     @torch.no_grad()
-    def rollout(self, student: X0Predictor, noise: torch.Tensor, cond=None) -> TDMTrajectory:
-        """The student's K-step trajectory from pure noise (no grad); every point is kept."""
-        _, trajectory = tdm_sample(
-            lambda x, t: student(x, t, cond), noise, self.timesteps, self.schedule, return_trajectory=True
-        )
-        return trajectory
+    def rollout(self, student: X0Predictor, noise: torch.Tensor, cond=None,
+                generator: torch.Generator | None = None) -> RolloutBatch:
+        """The student's trajectories from pure noise (no grad); every point is kept. With
+        unify_steps each sample draws its K (from ``generator``) and runs on that K's grid."""
+        if self.config.unify_steps is None:
+            _, trajectory = tdm_sample(
+                lambda x, t: student(x, t, cond), noise, self.timesteps, self.schedule, return_trajectory=True
+            )
+            return RolloutBatch.from_trajectory(trajectory)
+        choices = torch.tensor(self.config.unify_steps)
+        ks = choices[torch.randint(len(choices), (noise.shape[0],), generator=generator)].to(noise.device)
+        k_max = max(self.config.unify_steps)
+        shape = (k_max, *noise.shape)
+        dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
+        states, x0s, epss = (torch.zeros(shape, dtype=dtype, device=noise.device) for _ in range(3))
+        grid = torch.zeros(noise.shape[0], k_max + 1, dtype=torch.long, device=noise.device)
+        for k in ks.unique().tolist():
+            index = (ks == k).nonzero(as_tuple=True)[0]
+            sub_cond = _select(cond, index)
+            _, trajectory = tdm_sample(lambda x, t: student(x, t, sub_cond), noise[index], self.grids[k],
+                                       self.schedule, return_trajectory=True)
+            states[:k, index] = torch.stack(trajectory.states)
+            x0s[:k, index] = torch.stack(trajectory.x0_preds)
+            epss[:k, index] = torch.stack(trajectory.eps_preds)
+            grid[index, :k] = torch.tensor(self.grids[k], device=noise.device)
+        return RolloutBatch(states, x0s, epss, grid, ks)
 
     def fake_score_loss(
-        self, fake: X0Predictor, trajectory: TDMTrajectory, cond=None, generator: torch.Generator | None = None
+        self, fake: X0Predictor, trajectory: RolloutBatch, cond=None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict]:
         """Denoising score matching of the fake score on diffused trajectory points (grad on psi only)."""
-        batch = trajectory.states[0].shape[0]
-        step_index = self._draw_steps(batch, trajectory.states[0].device, generator)
+        step_index = self._draw_steps(trajectory, generator)
         _, t, x0_hat, eps_hat = trajectory.gather(step_index)  # reused from the rollout, no recompute
-        x_tau, tau, s, z = self._diffused_point(x0_hat, eps_hat, t, step_index, generator)
+        s = self._mid(trajectory, step_index, t)
+        x_tau, tau, z = self._diffused_point(x0_hat, eps_hat, t, s, generator)
         weight = None
         if self.config.importance_weighting:
             weight = obj.importance_weight(obj.effective_noise(eps_hat, z, self.schedule, s, tau), z)
-        fake_x0 = fake(x_tau, tau, cond)
+        self._tell_fake_the_steps(fake, trajectory)
+        try:
+            fake_x0 = fake(x_tau, tau, cond)
+        finally:
+            self._tell_fake_the_steps(fake, None)
         loss = obj.fake_score_loss(fake_x0, x0_hat, tau, self.schedule, weight, self.config.snr_gamma)
         stats = {"tau_mean": tau.double().mean().item()}
         if weight is not None:
@@ -121,7 +224,7 @@ class TDMObjective:
         student: X0Predictor,
         teacher: X0Predictor,
         fake: X0Predictor,
-        trajectory: TDMTrajectory,
+        trajectory: RolloutBatch,
         cond=None,
         uncond=None,
         generator: torch.Generator | None = None,
@@ -129,13 +232,13 @@ class TDMObjective:
         """Distribution matching of the student: the one student step recomputed WITH grad; the
         teacher (with CFG) and the fake score run without grad on its diffused point."""
         cfg = self.config
-        batch = trajectory.states[0].shape[0]
-        step_index = self._draw_steps(batch, trajectory.states[0].device, generator)
+        step_index = self._draw_steps(trajectory, generator)
         x_t, t, _, _ = trajectory.gather(step_index)
         x0_hat = student(x_t, t, cond).to(x_t.dtype)
         alpha_t, sigma_t = self.schedule.coefficients(t, x_t)
         eps_hat = predicted_noise(x_t, x0_hat, alpha_t, sigma_t)
-        x_tau, tau, _, _ = self._diffused_point(x0_hat, eps_hat, t, step_index, generator)
+        s = self._mid(trajectory, step_index, t)
+        x_tau, tau, _ = self._diffused_point(x0_hat, eps_hat, t, s, generator)
         x_tau = x_tau.detach()
         with torch.no_grad():
             paired = getattr(teacher, "paired", None)
@@ -146,7 +249,11 @@ class TDMObjective:
             else:
                 teacher_cond, teacher_uncond = teacher(x_tau, tau, cond), teacher(x_tau, tau, uncond)
             teacher_x0 = obj.cfg_x0(teacher_cond, teacher_uncond, cfg.guidance_scale)
-            fake_x0 = fake(x_tau, tau, cond)
+            self._tell_fake_the_steps(fake, trajectory)
+            try:
+                fake_x0 = fake(x_tau, tau, cond)
+            finally:
+                self._tell_fake_the_steps(fake, None)
             target = obj.generator_target(x0_hat, teacher_x0, fake_x0)
             normalizer = obj.generator_normalizer(x0_hat, teacher_x0)
         loss = obj.generator_loss(x0_hat, target, normalizer, cfg.generator_loss, cfg.huber_c)

@@ -135,10 +135,17 @@ class TDMTrainer:
         model.train()
         self.student, self.teacher, self.fake = (RoleFunction(backend, self.roles, r) for r in ("student", "teacher", "fake"))
         self.objective = TDMObjective(backend.schedule, config.tdm)
+        self.step_embedding = None
+        if config.tdm.unify_steps:
+            from .step_condition import attach
+
+            torch.manual_seed(config.seed)  # zero-initialised anyway; the seed keeps processes identical
+            self.step_embedding = attach(model, backend.name, self.roles, max(config.tdm.unify_steps))
+            self.fake.step_embedding = self.step_embedding
 
         betas = (config.adam_beta1, config.adam_beta2)
         self.optimizers = {
-            "fake": torch.optim.AdamW(self.roles.parameters("fake"), lr=config.learning_rate, betas=betas,
+            "fake": torch.optim.AdamW(self._fake_parameters(), lr=config.learning_rate, betas=betas,
                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon),
             "student": torch.optim.AdamW(self.roles.parameters("student"),
                                          lr=config.learning_rate * config.generator_lr_ratio, betas=betas,
@@ -158,6 +165,11 @@ class TDMTrainer:
         self.nonfinite_in_a_row = 0
         self.history: list[dict] = []
 
+    def _fake_parameters(self) -> list[torch.nn.Parameter]:
+        """The fake score's trainable parameters: its LoRA, plus the K embedding in unify mode."""
+        extra = list(self.step_embedding.parameters()) if self.step_embedding is not None else []
+        return self.roles.parameters("fake") + extra
+
     # -------------------------------------------------------------- one iteration
     def _batch(self) -> tuple[torch.Tensor, Condition, Condition]:
         index = torch.randint(self.num_prompts, (self.config.train_batch_size,), generator=self.generator)
@@ -169,7 +181,7 @@ class TDMTrainer:
         """Backward, average over processes, clip, step. Returns the grad norm, or None when the
         loss was not finite (then nothing is applied)."""
         optimizer = self.optimizers[adapter]
-        params = self.roles.parameters(adapter)
+        params = self._fake_parameters() if adapter == "fake" else self.roles.parameters(adapter)
         loss.backward()
         _all_reduce_mean(params, self.world_size)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -187,7 +199,7 @@ class TDMTrainer:
         for _ in range(cfg.fake_updates_per_generator):
             noise, cond, uncond = self._batch()
             with self.roles.use("student"):
-                trajectory = self.objective.rollout(self.student, noise, cond)
+                trajectory = self.objective.rollout(self.student, noise, cond, self.generator)
             with self.roles.use("fake"):
                 fake_loss, stats = self.objective.fake_score_loss(self.fake, trajectory, cond, self.generator)
                 fake_ok = _finite(self._reduce(fake_loss))
@@ -258,7 +270,10 @@ class TDMTrainer:
                      "nonfinite_in_a_row": self.nonfinite_in_a_row, "world_size": self.world_size,
                      "timesteps": self.objective.timesteps, "backend": self.backend.name,
                      "config": self.config.to_json()}
-            ckpt.write_shared(tmp, {a: self.roles.state_dict(a) for a in ("student", "fake")},
+            adapters = {a: self.roles.state_dict(a) for a in ("student", "fake")}
+            if self.step_embedding is not None:
+                adapters["fake_step_embedding"] = {k: v.detach().clone() for k, v in self.step_embedding.state_dict().items()}
+            ckpt.write_shared(tmp, adapters,
                               self.optimizers, self.schedulers, state)
         self.accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, self.rank, self.generator)
@@ -282,6 +297,10 @@ class TDMTrainer:
             self.roles.load_state_dict(adapter, {k: v.to(self.device) for k, v in data["adapters"][adapter].items()})
             self.optimizers[adapter].load_state_dict(data["optimizers"][adapter])
             self.schedulers[adapter].load_state_dict(data["schedulers"][adapter])
+        if self.step_embedding is not None:
+            if "fake_step_embedding" not in data["adapters"]:
+                raise ValueError(f"{path} has no step embedding: it was not a unify_steps run")
+            self.step_embedding.load_state_dict(data["adapters"]["fake_step_embedding"])
         self.generator.set_state(data["rng"]["generator"])
         torch.set_rng_state(data["rng"]["torch"])
         self.step = state["step"]

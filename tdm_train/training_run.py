@@ -27,6 +27,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
     if not args.prompts:
         raise ValueError("--prompts is required: a .txt/.jsonl/.csv file of prompts (TDM needs no images)")
     prompts = read_prompts(args.prompts, args.prompt_column)
+    if args.unify_steps and args.student_timesteps:
+        raise ValueError("--unify_steps trains each K on its uniform grid: drop --student_timesteps")
     if args.student_timesteps and args.num_steps not in (4, len(args.student_timesteps)):
         raise ValueError(f"--num_steps {args.num_steps} does not match --student_timesteps "
                          f"{args.student_timesteps} ({len(args.student_timesteps)} steps); drop one of them")

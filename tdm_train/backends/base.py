@@ -55,6 +55,13 @@ class RoleFunction:
         with self.roles.use(self.role):
             return self.backend.x0(x_t, t, cond)
 
+    def set_num_steps(self, num_steps: torch.Tensor | None) -> None:
+        """TDM-unify: the step count K of each sample, for a role conditioned on it (the fake score)."""
+        if self.step_embedding is not None:
+            self.step_embedding.num_steps = num_steps
+
+    step_embedding = None
+
     def paired(self, x_t, t, cond, uncond) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditional and unconditional predictions in one batched forward."""
         with self.roles.use(self.role):

@@ -126,3 +126,21 @@ def test_yaml_config_values_and_help_lists_every_flag(tmp_path):
                  "--seed", "--student_timesteps", "--num_steps", "--total_steps", "--real_guidance_scale",
                  "--tau_mode", "--loss", "--fake_updates_per_generator", "--config", "--backbone"):
         assert flag in help_text, flag
+
+
+def test_tensorboard_gets_losses_and_validation_images(pipelines, prompts, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    result = run("--pretrained_teacher_model", pipelines["sdxl"], "--prompts", prompts, "--output_dir", out,
+                 "--max_train_steps", "2", "--lora_rank", "4", "--lora_alpha", "4", "--resolution", "64",
+                 "--validation_steps", "2", "--validation_teacher_steps", "3", "--real_guidance_scale", "2",
+                 "--report_to", "tensorboard")
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(out / "tdm"))
+    events.Reload()
+    assert {"fake_loss", "generator_loss", "generator_grad_norm", "normalizer_mean",
+            "importance_weight_mean"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"] == ["validation/student_top_teacher_bottom"]
+    assert len(events.Scalars("generator_loss")) == 2

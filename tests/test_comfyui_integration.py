@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -211,3 +212,36 @@ def test_sigmas_and_sampler_through_comfyuis_own_model_sampling_and_ksampler():
     assert out["callback_steps"] == [0, 1, 2, 3]
     assert out["eta_half_finite"] and out["eta_half_differs"] > 1e-3
     assert out["flow_model_timesteps"] == pytest.approx([999.83, 947.17, 856.90, 666.37], abs=0.01)
+
+
+def test_sdxl_student_lora_names_all_load_in_comfyuis_lora_loader():
+    """Every module of an SDXL student LoRA (real SDXL UNet config, default targets and the wide
+    LCM/DMD2 list) has a key that ComfyUI's LoRA key map accepts: zero "lora key not loaded"."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from trainer_memory import SDXL_UNET, WIDE_TARGETS
+
+    from tdm_train.backends.sdxl import SDXL_LORA_TARGETS
+    from tdm_train.lora_export import kohya_state_dict
+
+    run = subprocess.run([COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "lora_key_map.py")], cwd=COMFYUI_DIR,
+                         env={**os.environ, "PYTHONPATH": COMFYUI_DIR}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    comfy_keys = set(json.loads(run.stdout.strip().splitlines()[-1])["keys"])
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    for targets in (SDXL_LORA_TARGETS, WIDE_TARGETS):
+        config = LoraConfig(r=4, target_modules=list(targets))
+        modules = [name for name, module in unet.named_modules()
+                   if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and check_target_module_exists(config, name)]
+        fake_state = {}
+        for name in modules:
+            fake_state[f"{name}.lora_A.weight"] = torch.zeros(1)
+            fake_state[f"{name}.lora_B.weight"] = torch.zeros(1)
+        exported = {key.rsplit(".", 2)[0] for key in kohya_state_dict(fake_state, 4.0)}
+        missing = sorted(exported - comfy_keys)
+        assert len(exported) == len(modules) > 100 and not missing, missing[:10]

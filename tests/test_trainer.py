@@ -161,3 +161,18 @@ def test_two_cpu_processes_over_gloo_train_one_synchronised_student(tmp_path):
     assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["world_size"] == 2
+
+
+def test_bf16_base_with_fp32_lora_and_gradient_checkpointing(tmp_path):
+    trainer = make_trainer(tmp_path, max_train_steps=2, mixed_precision="bf16", gradient_checkpointing=True)
+    base = [p for n, p in trainer.backend.model.named_parameters() if "lora_" not in n]
+    assert {p.dtype for p in base} == {torch.bfloat16}
+    for adapter in ("student", "fake"):
+        assert {p.dtype for p in trainer.roles.parameters(adapter)} == {torch.float32}
+    before = trainer.roles.state_dict("student")
+    summary = trainer.train(progress=False)
+    assert summary["nonfinite_total"] == 0
+    after = trainer.roles.state_dict("student")
+    assert all(v.dtype == torch.float32 for v in after.values())
+    assert max((after[k] - before[k]).abs().max() for k in after) > 0
+    assert trainer.backend.model.is_gradient_checkpointing

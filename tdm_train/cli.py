@@ -27,12 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tdm_train",
         description="TDM (Trajectory Distribution Matching) few-step distillation. With no arguments: the "
-                    "embedded 2-D Gaussian-mixture demo. With --pretrained_teacher_model: distil a diffusers "
+                    "embedded digits demo (a real teacher trained on scikit-learn's digits, distilled on the CPU). "
+                    "With --pretrained_teacher_model: distil a diffusers "
                     "SDXL, PixArt-alpha or CogVideoX-2B pipeline folder into a K-step student LoRA, data-free.",
     )
     common = parser.add_argument_group("common")
     common.add_argument("--output_dir", "--output-dir", default=None,
-                        help="where results go (demo default outputs/gmm_demo, training default outputs/tdm)")
+                        help="where results go (defaults: outputs/digits, outputs/gmm_demo, outputs/tdm)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--num_steps", "--num-steps", type=int, default=4, help="student steps K (default 4)")
     common.add_argument("--total_steps", "--total-steps", type=int, default=900,
@@ -46,12 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--no_importance_weight", "--no-importance-weight", action="store_true",
                         help="drop the demo's importance weight on the fake-score loss")
 
-    demo = parser.add_argument_group("the embedded demo (no --pretrained_teacher_model)")
-    demo.add_argument("--iterations", type=int, default=500, help="TDM iterations (default 500)")
+    demo = parser.add_argument_group("the embedded demos (no --pretrained_teacher_model)")
+    demo.add_argument("--demo", choices=("digits", "gmm"), default="digits",
+                      help="digits (default): the digits teacher, TDM and TDM-unify students, FID table; gmm: the "
+                           "2-D Gaussian-mixture toy with an exact teacher")
+    demo.add_argument("--iterations", type=int, default=None, help="TDM iterations (digits default 250, gmm 500)")
     demo.add_argument("--prefit-iterations", "--prefit_iterations", dest="prefit_iterations", type=int, default=3000,
                       help="iterations fitting the network to the teacher first (default 3000)")
-    demo.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=512)
-    demo.add_argument("--eval-samples", "--eval_samples", dest="eval_samples", type=int, default=4000)
+    demo.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                      help="(digits default 64, gmm 512)")
+    demo.add_argument("--eval-samples", "--eval_samples", dest="eval_samples", type=int, default=None,
+                      help="samples scored per row (digits default 2000, gmm 4000)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     train = parser.add_argument_group("training a real teacher")
@@ -174,13 +180,23 @@ def tdm_config(args: argparse.Namespace) -> TDMConfig:
 def run_demo(args: argparse.Namespace) -> int:
     import torch
 
-    from .demos.gmm_distill import GMMDemoConfig, run_gmm_demo
-
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.demo == "digits":
+        from .demos.digits.distill import DigitsDemoConfig, run_digits_demo
+
+        defaults = DigitsDemoConfig()
+        cfg = DigitsDemoConfig(seed=args.seed, iterations=args.iterations or defaults.iterations,
+                               batch_size=args.batch_size or defaults.batch_size,
+                               eval_samples=args.eval_samples or defaults.eval_samples)
+        run_digits_demo(cfg, output_dir=args.output_dir or "outputs/digits")
+        return 0
+
+    from .demos.gmm_distill import GMMDemoConfig, run_gmm_demo
+
     tdm = tdm_config(args)
-    cfg = GMMDemoConfig(seed=args.seed, iterations=args.iterations, prefit_iterations=args.prefit_iterations,
-                        batch_size=args.batch_size, eval_samples=args.eval_samples, tdm=tdm)
+    cfg = GMMDemoConfig(seed=args.seed, iterations=args.iterations or 500, prefit_iterations=args.prefit_iterations,
+                        batch_size=args.batch_size or 512, eval_samples=args.eval_samples or 4000, tdm=tdm)
     print(f"TDM demo: 2-D mixture of {cfg.num_modes} Gaussians, exact teacher, grid {tdm.grid()}", flush=True)
     run_gmm_demo(cfg, output_dir=args.output_dir or "outputs/gmm_demo")
     return 0

@@ -33,6 +33,7 @@ ARCHITECTURES = {
     "sdxl": ("unet", "stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0"),
     "pixart": ("transformer", "pixart-alpha/lora", "pixart_alpha"),
     "cogvideox": ("transformer", "cogvideox-2b/lora", "cogvideox_2b"),
+    "digits": ("unet", "tdm-digits-unet/lora", "tdm_digits"),
 }
 
 

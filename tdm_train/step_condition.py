@@ -17,6 +17,7 @@ from torch import nn
 # where each backbone computes its timestep embedding (output [B, D])
 TIME_EMBEDDING_MODULES = {
     "sdxl": "time_embedding",
+    "digits": "time_embedding",
     "cogvideox": "time_embedding",
     "pixart": "adaln_single.emb.timestep_embedder",
 }

@@ -77,7 +77,7 @@ def test_mode_fractions():
 def test_cli_writes_plot_metrics_and_student(tmp_path):
     out = tmp_path / "demo"
     run = subprocess.run(
-        [sys.executable, "-m", "tdm_train", "--output-dir", str(out), "--prefit-iterations", "50",
+        [sys.executable, "-m", "tdm_train", "--demo", "gmm", "--output-dir", str(out), "--prefit-iterations", "50",
          "--iterations", "5", "--batch-size", "64", "--eval-samples", "300"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )

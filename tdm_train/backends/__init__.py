@@ -3,7 +3,8 @@ into x0 on the schedule of the model's own scheduler config, and knows its condi
 
 from .base import Backend, RoleFunction
 from .cogvideox import CogVideoXBackend
+from .digits import DigitsBackend
 from .pixart import PixArtBackend
 from .sdxl import SDXLBackend
 
-__all__ = ["Backend", "CogVideoXBackend", "PixArtBackend", "RoleFunction", "SDXLBackend"]
+__all__ = ["Backend", "CogVideoXBackend", "DigitsBackend", "PixArtBackend", "RoleFunction", "SDXLBackend"]

@@ -1,0 +1,29 @@
+"""FID on digits (Frechet distance of the classifier's penultimate features) and class accuracy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+
+    def sqrtm(m):
+        values, vectors = torch.linalg.eigh((m + m.T) / 2)
+        return vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+
+    root_a = sqrtm(cov_a)
+    cross = sqrtm(root_a @ cov_b @ root_a)
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(cov_a + cov_b - 2 * cross))
+
+
+@torch.no_grad()
+def digits_quality(samples: torch.Tensor, labels: torch.Tensor, classifier, reference_features: torch.Tensor) -> dict:
+    """FID against the reference (the whole dataset) and the share classified as their prompt."""
+    images = samples.clamp(-1, 1).float()
+    features = classifier.features(images)
+    accuracy = (classifier.head(features).argmax(1) == labels).float().mean().item()
+    return {"fid": frechet_distance(features, reference_features), "class_accuracy": accuracy}

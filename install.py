@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 REQUIREMENTS = Path(__file__).resolve().parent / "requirements.txt"
-# torch and its companions must come from the user's own CUDA/ROCm/CPU install.
-PROTECTED = {"torch", "torchvision", "torchaudio"}
+# torch and its companions (torchvision, torchaudio) must come from the user's own CUDA/ROCm/CPU install.
+PROTECTED = re.compile(r"^torch(vision|audio)?$")
 
 
 def requirement_lines(path: Path = REQUIREMENTS) -> list[str]:
@@ -23,7 +23,7 @@ def requirement_lines(path: Path = REQUIREMENTS) -> list[str]:
         if not line:
             continue
         name = re.split(r"[\s<>=!~;\[]", line, maxsplit=1)[0].lower()
-        if name in PROTECTED:
+        if PROTECTED.match(name):
             raise SystemExit(f"{path} names {name!r}; refusing to touch the torch that ComfyUI runs on")
         lines.append(line)
     return lines

@@ -64,6 +64,16 @@ def _grid_inputs():
     ]
 
 
+def _eta_input():
+    return io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05,
+                          tooltip="0: deterministic DDIM (as trained); 1: fresh noise at every step")
+
+
+def _denoise_input():
+    return io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                          tooltip="img2img: keep only trained timesteps at or below this noise level")
+
+
 def _sigmas(model, preset, steps, total_steps, shift, custom_timesteps, denoise) -> torch.Tensor:
     grid = sampling_grid(preset, steps, total_steps, shift, custom_timesteps, denoise)
     return grid_sigmas(model.get_model_object("model_sampling"), grid)
@@ -77,9 +87,7 @@ class TDMScheduler(io.ComfyNode):
             display_name="TDM Scheduler",
             category=CATEGORY,
             description="SIGMAS at a TDM student's trained timesteps, from the model's own noise schedule.",
-            inputs=[io.Model.Input("model"), *_grid_inputs(),
-                    io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
-                                   tooltip="img2img: keep only trained timesteps at or below this noise level")],
+            inputs=[io.Model.Input("model"), *_grid_inputs(), _denoise_input()],
             outputs=[io.Sigmas.Output()],
         )
 
@@ -97,8 +105,7 @@ class TDMSampler(io.ComfyNode):
             category=CATEGORY,
             description="The TDM few-step sampler for SamplerCustom / SamplerCustomAdvanced: deterministic "
                         "(eta 0, as trained) or re-noising with fresh noise (eta up to 1).",
-            inputs=[io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05,
-                                   tooltip="0: deterministic DDIM; 1: fresh noise at every step")],
+            inputs=[_eta_input()],
             outputs=[io.Sampler.Output()],
         )
 
@@ -122,10 +129,10 @@ class TDMKSampler(io.ComfyNode):
                 io.Latent.Input("latent_image"),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 *_grid_inputs(),
-                io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05),
+                _eta_input(),
                 io.Float.Input("cfg", default=1.0, min=1.0, max=30.0, step=0.1,
                                tooltip="TDM students run at 1.0; above 1 needs a negative"),
-                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01),
+                _denoise_input(),
                 io.Conditioning.Input("negative", optional=True),
             ],
             outputs=[io.Latent.Output()],

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from . import atomic
+
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -54,31 +56,22 @@ def rotate(output_dir: str | Path, total_limit: int | None) -> list[Path]:
     return removed
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_shared(tmp_dir: Path, adapters: dict, optimizers: dict, schedulers: dict, state: dict) -> None:
     """The parts every process shares (written by the main process)."""
-    from safetensors.torch import save_file
-
     tmp_dir.mkdir(parents=True, exist_ok=True)
     for name, tensors in adapters.items():
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp_dir / f"{name}.safetensors"))
+        atomic.save_safetensors(tensors, tmp_dir / f"{name}.safetensors")
     for name, optimizer in optimizers.items():
-        _atomic_torch_save(optimizer.state_dict(), tmp_dir / f"optimizer_{name}.pt")
+        atomic.torch_save(optimizer.state_dict(), tmp_dir / f"optimizer_{name}.pt")
     for name, scheduler in schedulers.items():
-        _atomic_torch_save(scheduler.state_dict(), tmp_dir / f"scheduler_{name}.pt")
+        atomic.torch_save(scheduler.state_dict(), tmp_dir / f"scheduler_{name}.pt")
     (tmp_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
 def write_rng(tmp_dir: Path, rank: int, generator: torch.Generator) -> None:
     """Each process's own random state (its data/noise generator and torch's global RNG)."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save({"generator": generator.get_state(), "torch": torch.get_rng_state()},
-                       tmp_dir / f"rng_{rank}.pt")
+    atomic.torch_save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, tmp_dir / f"rng_{rank}.pt")
 
 
 def finalize(tmp_dir: Path, final_dir: Path) -> None:

@@ -146,12 +146,9 @@ class TDMObjective:
         u = torch.rand(batch.batch_size, generator=generator, dtype=torch.float64)
         return torch.floor(u * batch.num_steps.cpu().double()).long().to(device)
 
-    def _mid(self, batch: RolloutBatch, step_index: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The level s each step lands on: its next grid point (0 after the last), or the demo's
-        t_k - (T_s / K - 1)."""
-        if self.config.mid_point == "grid":
-            return batch.grid[torch.arange(batch.batch_size, device=t.device), step_index + 1]
-        return (t - (self.total_steps // batch.num_steps - 1)).clamp_min(0)
+    def _mid(self, batch: RolloutBatch, step_index: torch.Tensor) -> torch.Tensor:
+        return obj.mid_timesteps_per_sample(step_index, batch.grid, batch.num_steps, self.config.mid_point,
+                                            self.total_steps)
 
     def _tell_fake_the_steps(self, fake, batch: RolloutBatch | None) -> None:
         """With unify_steps, the fake score is conditioned on each sample's K (when it can be)."""
@@ -203,7 +200,7 @@ class TDMObjective:
         """Denoising score matching of the fake score on diffused trajectory points (grad on psi only)."""
         step_index = self._draw_steps(trajectory, generator)
         _, t, x0_hat, eps_hat = trajectory.gather(step_index)  # reused from the rollout, no recompute
-        s = self._mid(trajectory, step_index, t)
+        s = self._mid(trajectory, step_index)
         x_tau, tau, z = self._diffused_point(x0_hat, eps_hat, t, s, generator)
         weight = None
         if self.config.importance_weighting:
@@ -237,7 +234,7 @@ class TDMObjective:
         x0_hat = student(x_t, t, cond).to(x_t.dtype)
         alpha_t, sigma_t = self.schedule.coefficients(t, x_t)
         eps_hat = predicted_noise(x_t, x0_hat, alpha_t, sigma_t)
-        s = self._mid(trajectory, step_index, t)
+        s = self._mid(trajectory, step_index)
         x_tau, tau, _ = self._diffused_point(x0_hat, eps_hat, t, s, generator)
         x_tau = x_tau.detach()
         with torch.no_grad():

@@ -17,12 +17,12 @@ recommended CFG 1 and strength), and a model card next to them gives the inferen
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from . import atomic
 from .lora_metadata import SETTINGS_KEY, STRENGTH_KEY
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -104,14 +104,6 @@ def lora_metadata(backend_name: str, rank: int, alpha: float, target_modules, ti
     }
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[str, torch.Tensor], rank: int,
                       alpha: float, target_modules, timesteps: list[int], steps_trained: int,
                       extra_sampling: dict | None = None) -> tuple[Path, Path]:
@@ -129,7 +121,7 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
     diffusers_meta = {**meta, "lora_adapter_metadata": json.dumps(
         {f"{component}.{k}": v for k, v in peft_config.items()}, indent=2, sort_keys=True)}
     diffusers_path = output_dir / DIFFUSERS_FILE
-    _atomic_save(diffusers_state_dict(state, component), diffusers_path, diffusers_meta)
+    atomic.save_safetensors(diffusers_state_dict(state, component), diffusers_path, diffusers_meta)
 
     comfy_path = output_dir / COMFYUI_FILE
     if backend_name == "sdxl":
@@ -138,7 +130,7 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
         comfy = transformer_alpha_state_dict(state, alpha, component)
     else:
         comfy = diffusers_state_dict(state, component)
-    _atomic_save(comfy, comfy_path, meta)
+    atomic.save_safetensors(comfy, comfy_path, meta)
     _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained)
     return diffusers_path, comfy_path
 
@@ -161,6 +153,4 @@ Distilled with TDM (Trajectory Distribution Matching, Luo et al., ICCV 2025) by 
   scale; sample with `tdm_train.tdm_sample(...)` on the grid above (stock schedulers space their
   timesteps differently, e.g. 999/749/499/249).
 """
-    tmp = output_dir / "README.md.tmp"
-    tmp.write_text(card)
-    os.replace(tmp, output_dir / "README.md")
+    atomic.write_text(output_dir / "README.md", card)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import atomic
 from .backends import CogVideoXBackend, PixArtBackend, SDXLBackend
 from .backends.base import Backend, Condition
 
@@ -114,7 +115,7 @@ def encode_prompts(folder: str | Path, backbone: str, prompts: list[str], device
 def cached_prompt_conditions(folder: str | Path, backbone: str, prompts: list[str], cache_dir: str | Path,
                              device="cpu") -> tuple[Condition, Condition]:
     """:func:`encode_prompts`, computed once per (teacher, prompts) and kept in cache_dir."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     key = hashlib.sha256(json.dumps([str(Path(folder).resolve()), backbone, prompts]).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"prompt_cache_{key}.safetensors"
@@ -124,11 +125,8 @@ def cached_prompt_conditions(folder: str | Path, backbone: str, prompts: list[st
         negative = {k.removeprefix("neg."): v for k, v in tensors.items() if k.startswith("neg.")}
         return conditions, negative
     conditions, negative = encode_prompts(folder, backbone, prompts, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({**{f"cond.{k}": v.contiguous() for k, v in conditions.items()},
-               **{f"neg.{k}": v.contiguous() for k, v in negative.items()}}, str(tmp))
-    tmp.replace(path)
+    atomic.save_safetensors({**{f"cond.{k}": v for k, v in conditions.items()},
+                             **{f"neg.{k}": v for k, v in negative.items()}}, path)
     return conditions, negative
 
 

@@ -35,15 +35,25 @@ def mid_timesteps(
     """The level s that step ``step_index`` (0 = noisiest) lands on: the next grid point, 0 after
     the last step ("grid", the default); or the demo's t_k - (total_steps // K - 1) ("demo":
     675/450/225/0 instead of 674/449/224/0 on the 900-step grid)."""
+    grid = torch.tensor(list(timesteps) + [0], device=step_index.device).expand(step_index.numel(), -1)
+    num_steps = torch.full_like(step_index, len(timesteps))
+    return mid_timesteps_per_sample(step_index, grid, num_steps, mid_point, total_steps)
+
+
+def mid_timesteps_per_sample(
+    step_index: torch.Tensor, grid: torch.Tensor, num_steps: torch.Tensor, mid_point: str = "grid",
+    total_steps: int | None = None,
+) -> torch.Tensor:
+    """:func:`mid_timesteps` when every sample has its own grid (TDM-unify): ``grid`` [B, K_max + 1]
+    holds each sample's timesteps followed by 0, ``num_steps`` [B] its K."""
     if mid_point not in MID_POINTS:
         raise ValueError(f"mid_point must be one of {MID_POINTS}, got {mid_point!r}")
-    grid = torch.tensor(list(timesteps) + [0], device=step_index.device)
+    batch = torch.arange(step_index.numel(), device=step_index.device)
     if mid_point == "grid":
-        return grid[step_index + 1]
+        return grid[batch, step_index + 1]
     if total_steps is None:
         raise ValueError("mid_point='demo' needs total_steps")
-    offset = total_steps // len(timesteps) - 1
-    return (grid[step_index] - offset).clamp_min(0)
+    return (grid[batch, step_index] - (total_steps // num_steps - 1)).clamp_min(0)
 
 
 def sample_tau(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..distill import TDMConfig, TDMObjective
 from ..sampler import tdm_sample
 from ..schedule import SDXL_SCHEDULER_CONFIG, NoiseSchedule
@@ -192,7 +192,7 @@ def run_gmm_demo(
             extent,
             marks=gmm.means,
         )
-        _atomic_write_text(out / "metrics.json", json.dumps(results, indent=2))
+        atomic.write_text(out / "metrics.json", json.dumps(results, indent=2))
         _save_student(student, out / "student.safetensors", grid)
         results["plot"] = str(plot)
         log(f"wrote {plot}, {out / 'metrics.json'}, {out / 'student.safetensors'}")
@@ -209,16 +209,5 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _save_student(model: torch.nn.Module, path: Path, grid: list[int]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    tensors = {name: p.detach().contiguous() for name, p in model.state_dict().items()}
-    save_file(tensors, str(tmp), metadata={"tdm_timesteps": json.dumps(grid), "format": "pt"})
-    os.replace(tmp, path)
+    atomic.save_safetensors(model.state_dict(), path, {"tdm_timesteps": json.dumps(grid), "format": "pt"})

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ... import atomic
 from .data import load_digits_tensors
 
 CLASSIFIER_FILE = Path(__file__).resolve().parent / "weights" / "classifier.safetensors"
@@ -69,14 +70,9 @@ def main(argv=None) -> int:
     with torch.no_grad():
         accuracy = (model(images[held_out]).argmax(1) == labels[held_out]).float().mean().item()
     print(f"held-out accuracy {accuracy:.4f} on {len(held_out)} images")
-    from safetensors.torch import save_file
-
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"held_out_accuracy": f"{accuracy:.4f}", "training": json.dumps(vars(args))})
-    tmp.replace(output)
+    atomic.save_safetensors(model.state_dict(), output,
+                            {"held_out_accuracy": f"{accuracy:.4f}", "training": json.dumps(vars(args))})
     print(f"wrote {output}")
     return 0
 

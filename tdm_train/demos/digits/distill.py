@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ... import atomic
 from ...backends.digits import DigitsBackend
 from ...distill import TDMConfig
 from ...objectives import cfg_x0
@@ -110,9 +111,7 @@ def run_digits_demo(cfg: DigitsDemoConfig | None = None, output_dir: str | Path 
     rows, samples = evaluate(teacher, students, cfg)
     results = {"rows": rows, "training_seconds": training_seconds, "eval_samples": cfg.eval_samples,
                "guidance_scale": cfg.guidance_scale, "config": {k: v for k, v in vars(cfg).items()}}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "metrics.json")
+    atomic.write_text(out / "metrics.json", json.dumps(results, indent=2))
     _samples_png(samples[("teacher-ddim", cfg.teacher_steps)], samples[("tdm", 4)], out / "samples.png",
                  f"teacher {cfg.teacher_steps} steps", "TDM student 4 steps")
     log("")
@@ -186,9 +185,8 @@ def _samples_png(top: torch.Tensor, bottom: torch.Tensor, path: Path, top_title:
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 1), top_title, fill=0)
     draw.text((2, margin + a.shape[0] + 4), bottom_title, fill=0)
-    tmp = path.with_name(path.name + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    with atomic.atomic_path(path) as tmp:
+        canvas.save(tmp)
 
 
 def load_student(lora_file: str | Path, teacher=None):

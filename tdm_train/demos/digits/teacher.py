@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ... import atomic
 from ...schedule import NoiseSchedule
 from .data import NULL_CLASS, NUM_CLASSES, load_digits_tensors
 
@@ -101,16 +102,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--output", default=str(TEACHER_FILE))
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
-
     ema = train(args.iterations, args.batch_size, args.lr, args.seed, args.cfg_dropout, args.ema_decay, 500)
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
     metadata = {"config": json.dumps(UNET_CONFIG), "scheduler": json.dumps(SCHEDULER_CONFIG),
                 "training": json.dumps(vars(args))}
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp), metadata=metadata)
-    tmp.replace(output)
+    atomic.save_safetensors(ema.state_dict(), output, metadata)
     print(f"wrote {output}")
     return 0
 

@@ -124,13 +124,14 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
     atomic.save_safetensors(diffusers_state_dict(state, component), diffusers_path, diffusers_meta)
 
     comfy_path = output_dir / COMFYUI_FILE
+    comfy_meta = meta
     if backend_name == "sdxl":
         comfy = kohya_state_dict(state, alpha)
     elif backend_name == "pixart":
         comfy = transformer_alpha_state_dict(state, alpha, component)
-    else:
-        comfy = diffusers_state_dict(state, component)
-    atomic.save_safetensors(comfy, comfy_path, meta)
+    else:  # no ComfyUI core model: the diffusers file again, its adapter metadata (alpha, rank) included
+        comfy, comfy_meta = diffusers_state_dict(state, component), diffusers_meta
+    atomic.save_safetensors(comfy, comfy_path, comfy_meta)
     _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained)
     return diffusers_path, comfy_path
 

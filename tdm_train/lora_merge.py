@@ -1,0 +1,159 @@
+"""Fuse a LoRA file into a diffusers model's weights: W += strength * (alpha / rank) * up @ down.
+
+Reads the formats a TDM student comes in — our ``pytorch_lora_weights.safetensors`` (peft keys
+under ``unet.`` / ``transformer.`` with diffusers' ``lora_adapter_metadata`` giving alpha and
+rank), the kohya file (``lora_unet_<path>.lora_down/lora_up/alpha``), and peft keys with ``.alpha``
+tensors (our PixArt ComfyUI file, the official CogVideoX LoRA) — and refuses, listing them, keys
+that match no module of the model (a LoRA for another architecture) instead of silently skipping.
+
+Fusing is what an export needs (the engine has plain weights); the trainer and ComfyUI keep
+LoRAs separate. Safetensors only: pickle files are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .lora_metadata import describe_unmatched, recommend
+
+COMPONENT_PREFIXES = ("unet.", "transformer.", "base_model.model.", "diffusion_model.")
+KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_")
+_DOWN = re.compile(r"\.(lora_A|lora_down|lora\.down)(\.[^.]+)?\.weight$")
+_UP = re.compile(r"\.(lora_B|lora_up|lora\.up)(\.[^.]+)?\.weight$")
+
+
+@dataclass
+class LoraLayer:
+    down: torch.Tensor  # [rank, in] (or conv [rank, in, kh, kw])
+    up: torch.Tensor  # [out, rank] (or conv [out, rank, 1, 1])
+    alpha: float | None = None
+
+
+@dataclass
+class FusedLora:
+    path: str
+    strength: float
+    strength_source: str
+    modules: int
+    metadata: dict = field(default_factory=dict)
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, LoraLayer], dict[str, str]]:
+    """Layers keyed by the module name as written in the file (prefix kept), and the file metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: LoRA files are read as .safetensors only (pickle files are never unpickled); "
+                         "convert it first")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    peft_config = _adapter_config(metadata)
+    layers: dict[str, dict] = {}
+    for key, value in tensors.items():
+        if match := _DOWN.search(key):
+            layers.setdefault(key[: match.start()], {})["down"] = value
+        elif match := _UP.search(key):
+            layers.setdefault(key[: match.start()], {})["up"] = value
+        elif key.endswith(".alpha"):
+            layers.setdefault(key[: -len(".alpha")], {})["alpha"] = float(value)
+        else:
+            raise ValueError(f"{path}: key {key!r} is not a LoRA weight (expected lora_A/lora_B, lora_down/lora_up "
+                             "or .alpha keys); is this a full checkpoint rather than a LoRA?")
+    result = {}
+    for name, parts in layers.items():
+        if "down" not in parts or "up" not in parts:
+            raise ValueError(f"{path}: module {name} has {sorted(parts)} but needs both down and up weights")
+        alpha = parts.get("alpha")
+        if alpha is None and peft_config:
+            alpha = _peft_alpha(peft_config, _strip(name), parts["down"].shape[0])
+        result[name] = LoraLayer(parts["down"], parts["up"], alpha)
+    if not result:
+        raise ValueError(f"{path} holds no LoRA weights")
+    return result, metadata
+
+
+def _adapter_config(metadata: dict) -> dict:
+    """The peft LoraConfig fields in diffusers' ``lora_adapter_metadata`` (one adapter per file),
+    component prefix dropped; empty when the file has none or it gives no lora_alpha."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    config = {key.rsplit(".", 1)[-1]: value for key, value in json.loads(raw).items()}
+    return config if config.get("lora_alpha") is not None else {}
+
+
+def _peft_alpha(config: dict, module: str, rank: int) -> float:
+    """The alpha that gives peft's scale for ``module``: peft scales every module by its alpha
+    (``lora_alpha``, or its ``alpha_pattern`` entry) over the module's OWN rank (``rank_pattern``
+    modules included), or over sqrt(rank) with ``use_rslora``."""
+    alpha = float(config["lora_alpha"])
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):  # peft's get_pattern_key
+            alpha = float(value)
+            break
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def _module_index(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every Linear / Conv module by its dotted path and by kohya's underscored form."""
+    index = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d)):
+            index[name] = module
+            index[name.replace(".", "_")] = module
+    return index
+
+
+def _strip(name: str) -> str:
+    for prefix in KOHYA_PREFIXES + COMPONENT_PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+@torch.no_grad()
+def fuse_lora(model: torch.nn.Module, path: str | Path, strength: float | None = None) -> FusedLora:
+    """Adds the LoRA at ``path`` into ``model``'s weights. ``strength`` None takes the file's own
+    recommendation (our ``tdm.lora_strength`` metadata, or a known release), else 1.0.
+    Nothing is changed unless every key of the file matches a module."""
+    layers, metadata = read_lora(path)
+    if strength is None:
+        recommendation = recommend(metadata, str(path))
+        strength, source = ((recommendation.strength, recommendation.source) if recommendation
+                            else (1.0, "default 1.0 (the file records no strength)"))
+    else:
+        source = "given"
+    index = _module_index(model)
+    unmatched = [name for name in layers if _strip(name) not in index]
+    if unmatched:
+        raise ValueError(f"{path} does not fit this {type(model).__name__}: "
+                         + describe_unmatched(unmatched, len(layers)))
+    updates = []
+    for name, layer in layers.items():
+        module = index[_strip(name)]
+        rank = layer.down.shape[0]
+        scale = strength * ((layer.alpha / rank) if layer.alpha is not None else 1.0)
+        weight = module.weight
+        down, up = layer.down.float().flatten(1), layer.up.float().flatten(1)
+        # up [out, rank] @ down [rank, in * kernel] must give exactly [out, in * kernel] of the weight
+        # (a numel check alone would fuse a transposed LoRA, [in, out], into garbage)
+        if up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0] or down.shape[1] != weight[0].numel():
+            raise ValueError(f"{path}: {name} has up {tuple(layer.up.shape)} and down {tuple(layer.down.shape)}, "
+                             f"which do not fit {_strip(name)}'s weight {tuple(weight.shape)}: a LoRA for another "
+                             "model size, or a broken file")
+        delta = (up @ down) * scale
+        updates.append((weight, delta.reshape(weight.shape)))
+    for weight, delta in updates:  # only now, after every layer was checked
+        weight.add_(delta.to(weight.device, weight.dtype))
+    return FusedLora(str(path), float(strength), source, len(layers), metadata)

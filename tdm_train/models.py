@@ -23,16 +23,21 @@ PIPELINE_CLASSES = {
 BACKBONES = ("sdxl", "pixart", "cogvideox")
 
 
+def pipeline_class_name(folder: Path, hint: str) -> str:
+    """The ``_class_name`` in the folder's model_index.json; ``hint`` says what to pass instead."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: {hint}")
+    return json.loads(index.read_text()).get("_class_name", "")
+
+
 def detect_backbone(folder: str | Path) -> str:
     """The backbone named by the folder's model_index.json."""
     folder = Path(folder)
-    index = folder / "model_index.json"
     if not folder.is_dir():
         raise FileNotFoundError(f"--pretrained_teacher_model {folder}: no such folder")
-    if not index.is_file():
-        raise FileNotFoundError(f"{folder} has no model_index.json: point --pretrained_teacher_model at a diffusers "
-                                "pipeline folder (or pass --backbone)")
-    name = json.loads(index.read_text()).get("_class_name", "")
+    name = pipeline_class_name(folder, "point --pretrained_teacher_model at a diffusers pipeline folder "
+                                       "(or pass --backbone)")
     if name not in PIPELINE_CLASSES:
         raise ValueError(f"{folder} is a {name or 'unknown'} pipeline; TDM training supports "
                          f"{', '.join(PIPELINE_CLASSES)} (or force one with --backbone {'/'.join(BACKBONES)})")

@@ -63,9 +63,13 @@ def test_pyproject_registry_block_and_extras():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     comfy = meta["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"] and comfy["requires-comfyui"].startswith(">=")
-    extras = meta["project"]["optional-dependencies"]
-    assert {"tensorrt", "onnxruntime-gpu"} <= set(extras["trt"])
-    assert any(dep.startswith("pytest") for dep in extras["dev"])
+    extras = {name: {re.split(r"[<>=!~\[; ]", dep)[0] for dep in deps}
+              for name, deps in meta["project"]["optional-dependencies"].items()}
+    export_tools = {"onnx", "onnx-graphsurgeon", "polygraphy", "onnxscript"}
+    assert {"tensorrt", "onnxruntime-gpu"} | export_tools <= extras["trt"] and "onnxruntime" not in extras["trt"]
+    assert {"onnxruntime"} | export_tools <= extras["onnx"]
+    assert {"pytest", "onnxruntime"} | export_tools <= extras["dev"]  # the export tests run in CI
+    assert not (extras["onnx"] | extras["trt"]) & {"torch", "torchvision", "torchaudio"}
     assert "nodes*" not in meta["tool"]["setuptools"]["packages"]["find"]["include"]
 
 

@@ -1,0 +1,82 @@
+"""A complete TDM few-step generation from an exported student: prompt embeddings in, latents
+out (and an image through the base model's VAE when asked).
+
+The network runs wherever its runner runs (PyTorch, ONNX Runtime, TensorRT); the trajectory is
+tdm_train's own sampler, with the schedule arithmetic in float32 on the CPU side of the runner —
+the same function the student was trained with."""
+
+from __future__ import annotations
+
+import torch
+
+from tdm_train.sampler import tdm_sample
+from tdm_train.schedule import NoiseSchedule
+
+from .families import sdxl_add_embeds
+from .runtime import Runner
+
+
+class ExportedStudent:
+    """An x0-predictor over a runner. Conditions use the trainer's names: ``prompt_embeds``;
+    SDXL also ``text_embeds`` [B, 1280] and ``time_ids`` [B, 6] (or ComfyUI's ``y`` as
+    ``add_embeds``); PixArt ``prompt_attention_mask``."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.manifest = runner.manifest
+        self.schedule = NoiseSchedule.from_diffusers_config(self.manifest.scheduler_config)
+
+    def feeds(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
+        family, batch = self.manifest.family, x_t.shape[0]
+        feeds = {"sample": x_t, "timestep": t.float().expand(batch),
+                 "encoder_hidden_states": cond["prompt_embeds"]}
+        if family == "sdxl":
+            add_embeds = cond.get("add_embeds")
+            if add_embeds is None:
+                add_embeds = sdxl_add_embeds(cond["text_embeds"], cond["time_ids"],
+                                             self.manifest.conditioning["add_time_embed_dim"])
+            feeds["add_embeds"] = add_embeds
+        elif family == "pixart":
+            feeds["encoder_attention_mask"] = cond["prompt_attention_mask"]
+            if self.manifest.conditioning.get("micro_conditions"):
+                height, width = x_t.shape[-2] * 8.0, x_t.shape[-1] * 8.0
+                feeds["resolution"] = torch.tensor([[height, width]]).repeat(batch, 1)
+                feeds["aspect_ratio"] = torch.full((batch, 1), height / width)
+        return feeds
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        output = self.runner(**self.feeds(x_t, t, cond))
+        return self.schedule.x0_from_output(output, x_t, t)
+
+    def latent_shape(self, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+        """Latent shape at ``height`` x ``width`` latent pixels (default: the profile's opt)."""
+        sample = self.manifest.input("sample").profile["opt"]
+        if self.manifest.family == "cogvideox":
+            return (batch, *sample[1:])
+        return (batch, sample[1], height or sample[2], width or sample[3])
+
+    def generate(self, cond: dict, noise: torch.Tensor, timesteps: list[int] | None = None, eta: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """The few-step trajectory from pure N(0, I) ``noise`` on the trained timesteps."""
+        return tdm_sample(lambda x, t: self.x0(x, t, cond), noise, timesteps or self.manifest.timesteps,
+                          self.schedule, eta=eta, generator=generator)
+
+
+@torch.no_grad()
+def decode_latents(pipeline_folder, latents: torch.Tensor, family: str):
+    """Images [B, H, W, 3] in [0, 1] (video frames [B, F, H, W, 3] for CogVideoX) from the base
+    model's VAE."""
+    from pathlib import Path
+
+    folder = Path(pipeline_folder)
+    if family == "cogvideox":
+        from diffusers import AutoencoderKLCogVideoX
+
+        vae = AutoencoderKLCogVideoX.from_pretrained(folder / "vae")
+        video = vae.decode(latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor).sample
+        return ((video.permute(0, 2, 3, 4, 1) + 1) / 2).clamp(0, 1)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    image = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((image.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1)

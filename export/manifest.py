@@ -1,0 +1,109 @@
+"""``engine.json``: everything a runtime needs to use an exported student without asking the
+user — the model family and its ComfyUI signature, prediction type and noise schedule, the TDM
+timesteps, every input's name, dtype and min/opt/max shape, and how the export was checked.
+
+The ComfyUI engine loader reads it instead of a model-type dropdown; ``python -m export.trt
+inspect`` prints it. One manifest describes one exported network (the ONNX files and any
+engines built from them, which are listed under ``engines``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tdm_train import atomic
+
+MANIFEST_NAME = "engine.json"
+FORMAT = "tdm-engine/1"
+FAMILIES = ("sdxl", "sd15", "pixart", "cogvideox")
+
+
+@dataclass
+class TensorSpec:
+    """One network input or output. ``shape`` uses -1 for dynamic axes; ``profile`` gives the
+    min / opt / max shape TensorRT builds for (equal entries for a static axis)."""
+
+    name: str
+    dtype: str  # "float16" | "float32" | "int64" ...
+    shape: list[int]
+    profile: dict[str, list[int]] = field(default_factory=dict)
+
+    def within_profile(self, shape) -> bool:
+        if not self.profile:
+            return len(shape) == len(self.shape) and all(s == d or d == -1 for s, d in zip(shape, self.shape))
+        low, high = self.profile["min"], self.profile["max"]
+        return len(shape) == len(low) and all(lo <= s <= hi for s, lo, hi in zip(shape, low, high))
+
+
+@dataclass
+class EngineManifest:
+    family: str  # one of FAMILIES
+    signature: str  # "diffusers" (exported by the CLI) or "comfyui" (exported by the ComfyUI node)
+    prediction_type: str  # epsilon | v_prediction
+    scheduler_config: dict
+    timesteps: list[int]
+    dtype: str  # fp16 | fp32
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    onnx: str = "model.opt.onnx"  # relative to the manifest's folder: the TensorRT build input
+    onnx_unoptimized: str = "model.onnx"
+    latent: dict = field(default_factory=dict)  # channels, vae_scale_factor, frames (CogVideoX), ...
+    conditioning: dict = field(default_factory=dict)  # family details: add_time_embed_dim, text_len, ...
+    export: dict = field(default_factory=dict)  # exporter, opset, external data, node counts
+    source: dict = field(default_factory=dict)  # base model, LoRA file, strength, sha256
+    validation: dict = field(default_factory=dict)  # ONNX Runtime vs PyTorch figures per shape
+    versions: dict = field(default_factory=dict)
+    engines: list[dict] = field(default_factory=list)  # one entry per TensorRT engine built
+    format: str = FORMAT
+
+    def input(self, name: str) -> TensorSpec:
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"the exported network has no input {name!r}; it has {[s.name for s in self.inputs]}")
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        atomic.write_text(path, self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineManifest:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a TDM engine manifest (format {data.get('format')!r}, expected {FORMAT!r})")
+        if data.get("family") not in FAMILIES:
+            raise ValueError(f"unknown model family {data.get('family')!r} in the manifest; expected one of {FAMILIES}")
+        data = dict(data)
+        data["inputs"] = [TensorSpec(**s) for s in data["inputs"]]
+        data["outputs"] = [TensorSpec(**s) for s in data["outputs"]]
+        return cls(**data)
+
+
+def manifest_path(path: str | Path) -> Path:
+    """engine.json for a folder, an engine/ONNX file inside it, or the manifest itself."""
+    path = Path(path)
+    if path.is_dir():
+        return path / MANIFEST_NAME
+    if path.name == MANIFEST_NAME:
+        return path
+    return path.parent / MANIFEST_NAME
+
+
+def load_manifest(path: str | Path) -> EngineManifest:
+    target = manifest_path(path)
+    if not target.is_file():
+        raise FileNotFoundError(f"{target} not found: an exported student is a folder made by "
+                                "`python -m export.trt onnx` (or the TDM Export node) with its engine.json")
+    try:
+        data = json.loads(target.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{target} is not valid JSON ({error}); re-export the model") from None
+    return EngineManifest.from_dict(data)

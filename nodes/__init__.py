@@ -8,9 +8,9 @@ from __future__ import annotations
 
 def node_classes() -> list[type]:
     """Every node the extension registers (imported here, inside ComfyUI only)."""
-    from . import lora, sampling
+    from . import engines, lora, sampling
 
-    return [*sampling.NODES, *lora.NODES]
+    return [*sampling.NODES, *lora.NODES, *engines.NODES]
 
 
 def build_extension():

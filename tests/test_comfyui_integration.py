@@ -68,6 +68,7 @@ def comfy(tmp_path_factory):
         f"  custom_nodes: {packs}\n"
         f"  checkpoints: {base / 'models' / 'checkpoints'}\n"
         f"  loras: {base / 'models' / 'loras'}\n"
+        f"  tensorrt: {base / 'models' / 'tensorrt'}\n"
     )
     port = _free_port()
     log = base / "server.log"
@@ -245,3 +246,84 @@ def test_sdxl_student_lora_names_all_load_in_comfyuis_lora_loader():
         exported = {key.rsplit(".", 2)[0] for key in kohya_state_dict(fake_state, 4.0)}
         missing = sorted(exported - comfy_keys)
         assert len(exported) == len(modules) > 100 and not missing, missing[:10]
+
+
+EXPORT_NODES = {"TDMExportEngine", "TDMEngineLoader"}
+
+
+def _export_prompt(name: str, build_engine: bool = False) -> dict:
+    prompt = _tiny(json.loads((ROOT / "workflows" / "api" / "sdxl_tdm_export_tensorrt.json").read_text()))
+    for node in prompt.values():
+        if node["class_type"] == "TDMExportEngine":
+            node["inputs"].update(name=name, dtype="fp32", batch_max=2, height_min=64, height_opt=64, height_max=128,
+                                  width_min=64, width_opt=64, width_max=128, build_tensorrt_engine=build_engine)
+    return prompt
+
+
+def _saved_latent(base: Path, entry: dict) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    latents = [item for out in entry["outputs"].values() for item in out.get("latents", [])]
+    assert len(latents) == 1
+    return load_file(str(base / "output" / latents[0]["subfolder"] / latents[0]["filename"]))["latent_tensor"]
+
+
+def _latent_output(prompt: dict) -> dict:
+    """The prompt with its decode-and-save nodes replaced by SaveLatent (exact float values), and
+    the prompt's conditioning zeroed: the tiny checkpoint's text encoder has no trained weights."""
+    sampler_id = next(k for k, n in prompt.items() if n["class_type"] == "TDMKSampler")
+    kept = {k: n for k, n in prompt.items() if n["class_type"] not in ("VAEDecode", "SaveImage")}
+    kept["98"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": kept[sampler_id]["inputs"]["positive"]}}
+    kept[sampler_id]["inputs"]["positive"] = ["98", 0]
+    kept["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": "tdm_test"}}
+    return kept
+
+
+def test_export_node_then_engine_loader_samples_like_the_pytorch_model(comfy):
+    """The tiny SD1.5 MODEL with its TDM LoRA -> ONNX (models/tensorrt/tiny_student) -> TDM Engine
+    Loader (ONNX Runtime) -> TDM KSampler: the image equals the PyTorch model's within rounding."""
+    url, base, _ = comfy
+    info = _get(url + "/object_info")
+    assert EXPORT_NODES <= set(info) and info["TDMExportEngine"]["category"] == "TDM/export"
+    entry = _run_prompt(url, _export_prompt("tiny_student"))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    folder = base / "models" / "tensorrt" / "tiny_student"
+    manifest = json.loads((folder / "engine.json").read_text())
+    assert manifest["family"] == "sd15" and manifest["signature"] == "comfyui" and manifest["validation"]["passed"]
+    assert manifest["inputs"][0]["profile"] == {"min": [1, 4, 8, 8], "opt": [1, 4, 8, 8], "max": [2, 4, 16, 16]}
+    assert manifest["source"]["patches"] > 0  # the LoRA was merged
+
+    options = _get(url + "/object_info/TDMEngineLoader")["TDMEngineLoader"]["input"]["required"]["engine_name"]
+    assert "tiny_student/model.opt.onnx" in json.dumps(options)
+    engine_prompt = _tiny(json.loads((ROOT / "workflows" / "api" / "sdxl_tdm_engine_4step.json").read_text()))
+    for node in engine_prompt.values():
+        if node["class_type"] == "TDMEngineLoader":
+            node["inputs"]["engine_name"] = "tiny_student/model.opt.onnx"
+    engine_prompt = _latent_output(engine_prompt)
+    from_engine = _run_prompt(url, engine_prompt)
+    assert from_engine["status"]["status_str"] == "success", from_engine["status"]["messages"]
+
+    # the same graph with the PyTorch model (checkpoint + the same LoRA) in place of the engine
+    torch_prompt = json.loads(json.dumps(engine_prompt))
+    loader_id = next(k for k, n in torch_prompt.items() if n["class_type"] == "TDMEngineLoader")
+    checkpoint_id = next(k for k, n in torch_prompt.items() if n["class_type"] == "CheckpointLoaderSimple")
+    torch_prompt[loader_id] = {"class_type": "TDMLoraLoader", "inputs": {
+        "model": [checkpoint_id, 0], "lora_name": "tiny_tdm.safetensors", "strength_source": "recorded",
+        "strength": 1.0}}
+    from_torch = _run_prompt(url, torch_prompt)
+    assert from_torch["status"]["status_str"] == "success", from_torch["status"]["messages"]
+    engine_latent, torch_latent = _saved_latent(base, from_engine), _saved_latent(base, from_torch)
+    assert engine_latent.shape == torch_latent.shape == (1, 4, 8, 8)
+    assert torch_latent.std() > 0.05  # a real sample, not a constant that any model would match
+    assert (engine_latent - torch_latent).abs().max() < 1e-4 * torch_latent.abs().max()
+
+
+def test_export_node_refuses_paths_outside_models_tensorrt_and_names_missing_tensorrt(comfy):
+    url, _, _ = comfy
+    outside = _run_prompt(url, _export_prompt("../outside"))
+    assert outside["status"]["status_str"] == "error"
+    message = [m for m in outside["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
+    assert "refusing '../outside'" in message
+    engine = _run_prompt(url, _export_prompt("tiny_engine", build_engine=True))
+    message = [m for m in engine["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
+    assert "pip install .[trt]" in message

@@ -74,12 +74,13 @@ def test_every_node_schema_builds_with_a_unique_tdm_id_the_tdm_category_and_a_di
     io = stubs["comfy_api.latest._io"]
     classes = _submodule(pack, "").node_classes()
     assert classes and all(issubclass(cls, io.ComfyNode) for cls in classes)
-    assert set(schemas) == {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader"}
+    assert set(schemas) == {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader", "TDMExportEngine",
+                            "TDMEngineLoader"}
     for node_id, schema in schemas.items():
         assert isinstance(schema, io.Schema)
         schema.validate()  # input/output ids unique, as ComfyUI checks when it registers the node
         assert node_id.startswith("TDM")
-        assert schema.category == "sampling/TDM"
+        assert schema.category == ("TDM/export" if "Engine" in node_id else "sampling/TDM")
         assert isinstance(schema.display_name, str) and schema.display_name.strip()
         assert schema.description
         assert schema.outputs and all(isinstance(o, io.Output) for o in schema.outputs)
@@ -216,3 +217,32 @@ def test_stub_signatures_equal_comfyuis():
     real_samplers = ast.parse((Path(os.environ["COMFYUI_DIR"]) / "comfy" / "samplers.py").read_text())
     stub_samplers = ast.parse((STUBS_DIR / "comfy" / "samplers.py").read_text())
     assert _init_params(stub_samplers, "KSAMPLER") == _init_params(real_samplers, "KSAMPLER")
+
+
+def test_export_node_widgets_and_engine_loader_lists_only_exports_with_a_manifest(pack, stubs, schemas, tmp_path,
+                                                                                 monkeypatch):
+    folder_paths = stubs["folder_paths"]
+    export = {i.id: i for i in schemas["TDMExportEngine"].inputs}
+    assert list(export) == ["model", "name", "dtype", "batch_max", "height_min", "height_opt", "height_max",
+                            "width_min", "width_opt", "width_max", "context_max", "timesteps", "build_tensorrt_engine"]
+    assert schemas["TDMExportEngine"].is_output_node
+    assert [o.io_type for o in schemas["TDMEngineLoader"].outputs] == ["MODEL"]
+
+    engines = _submodule(pack, "engines")
+    root = tmp_path / "tensorrt"
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "tensorrt", ([str(root)], set()))
+    engines.register_engine_folder()
+    assert folder_paths.folder_names_and_paths["tensorrt"][1] >= {".engine", ".onnx"}
+    for relative in ("good/model.opt.onnx", "good/model.onnx", "good/sdxl_fp16_b1-1-2_trt10.13.3_sm89.engine",
+                     "stray/model.opt.onnx"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(b"x")
+    (root / "good" / "engine.json").write_text("{}")
+    monkeypatch.setattr(folder_paths, "get_filename_list",
+                        lambda name: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()))
+    assert engines.exported_files() == ["good/model.opt.onnx", "good/sdxl_fp16_b1-1-2_trt10.13.3_sm89.engine"]
+
+    assert engines.output_folder("students/sdxl") == (root / "students" / "sdxl").resolve()
+    for bad in ("../outside", "/abs/path", "a/../../b", "", "."):
+        with pytest.raises(ValueError, match="refusing|relative folder name"):
+            engines.output_folder(bad)

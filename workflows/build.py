@@ -54,6 +54,13 @@ CATALOG: dict[str, dict] = {
         "control": {"seed"}, "optional": {"negative"},
         "outputs": [("LATENT", "LATENT")],
     },
+    "TDMExportEngine": {
+        "inputs": [("model", "MODEL")],
+        "widgets": ["name", "dtype", "batch_max", "height_min", "height_opt", "height_max", "width_min", "width_opt",
+                    "width_max", "context_max", "timesteps", "build_tensorrt_engine"],
+        "outputs": [("export_folder", "STRING")],
+    },
+    "TDMEngineLoader": {"inputs": [], "widgets": ["engine_name", "onnx_provider"], "outputs": [("MODEL", "MODEL")]},
     "Note": {"inputs": [], "widgets": ["text"], "outputs": [], "virtual": True},  # frontend-only
 }
 
@@ -186,7 +193,50 @@ def workflows() -> list[Workflow]:
         [{"name": "dreamshaper_7.safetensors", "directory": "checkpoints",
           "url": "https://huggingface.co/Lykon/dreamshaper-7/resolve/main/dreamshaper_7.safetensors"}],
     )
-    return [sdxl, pixart, sd3, sd15]
+    export = Workflow(
+        "sdxl_tdm_export_tensorrt",
+        "SDXL + TDM LoRA -> ONNX and TensorRT engine (models/tensorrt)",
+        [
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, pos=(40, 80)),
+            Node(2, "TDMLoraLoader", {"lora_name": "tdm_sdxl_lora.safetensors", "strength_source": "recorded",
+                                      "strength": 1.0}, {"model": (1, 0)}, pos=(420, 80)),
+            Node(3, "TDMExportEngine", {"name": "sdxl_tdm_student", "dtype": "fp16", "batch_max": 2,
+                                        "height_min": 512, "height_opt": 1024, "height_max": 1024, "width_min": 512,
+                                        "width_opt": 1024, "width_max": 1024, "context_max": 77,
+                                        "timesteps": "899, 674, 449, 224", "build_tensorrt_engine": True},
+                 {"model": (2, 0)}, pos=(800, 80)),
+            _note(4, "Exports the SDXL student as loaded (the TDM LoRA merged at its recorded strength) to "
+                     "models/tensorrt/sdxl_tdm_student/: model.onnx, model.opt.onnx, engine.json (checked on ONNX "
+                     "Runtime against PyTorch), and a refittable fp16 TensorRT engine for 512-1024 px, batch 1-2. "
+                     "The engine needs an NVIDIA GPU with TensorRT (pip install .[trt]); switch "
+                     "build_tensorrt_engine off for the ONNX alone. Load the result with the TDM Engine Loader "
+                     "workflow.", (40, 320)),
+        ],
+        [{"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+          "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}],
+    )
+    engine = Workflow(
+        "sdxl_tdm_engine_4step",
+        "SDXL TDM student from a TensorRT engine, 4 steps",
+        [
+            Node(1, "TDMEngineLoader", {"engine_name": "sdxl_tdm_student/"
+                                                       "sdxl_fp16_b1-1-2_h64-128-128_w64-128-128_trt10.13.3_sm89.engine",
+                                        "onnx_provider": "auto"}, pos=(40, 80)),
+            Node(2, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, pos=(40, 300)),
+            Node(3, "CLIPTextEncode", {"text": PROMPT}, {"clip": (2, 1)}, pos=(420, 300)),
+            Node(4, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(420, 520)),
+            Node(5, "TDMKSampler", {"seed": 0, **_tdm_grid(), "eta": 0.0, "cfg": 1.0, "denoise": 1.0},
+                 {"model": (1, 0), "positive": (3, 0), "latent_image": (4, 0)}, pos=(800, 80)),
+            Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (2, 2)}, pos=(1180, 80)),
+            Node(7, "SaveImage", {"filename_prefix": "TDM/sdxl_engine"}, {"images": (6, 0)}, pos=(1180, 300)),
+            _note(8, "The engine made by the export workflow (pick its file in the loader: engines are named after "
+                     "their profile, TensorRT version and GPU; model.opt.onnx runs on ONNX Runtime instead). The "
+                     "checkpoint only supplies CLIP and VAE. 4 steps at 899/674/449/224, cfg 1.", (40, 520)),
+        ],
+        [{"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+          "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}],
+    )
+    return [sdxl, pixart, sd3, sd15, export, engine]
 
 
 def _widget_values(node: Node) -> list:

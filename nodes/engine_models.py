@@ -34,8 +34,18 @@ def comfy_family(model_patcher) -> str:
                      "`python -m export.trt onnx` from their diffusers folder.")
 
 
+def _pytorch_attention(func, *args, **kwargs):
+    """Attention through torch's SDPA whatever ComfyUI picked for this machine: its sub-quadratic
+    and split kernels (its CPU default) size their chunks from free memory and fill scratch
+    tensors in place, which tracing bakes into the graph as constants (NaN ones, seen)."""
+    import comfy.ldm.modules.attention
+
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
 class ComfyUNetForExport(torch.nn.Module):
-    """ComfyUI's UNetModel with the export input names (``add_embeds`` is its ``y``)."""
+    """ComfyUI's UNetModel with the export input names (``add_embeds`` is its ``y``), attention
+    through SDPA (exported as plain MatMul/Softmax, which TensorRT fuses)."""
 
     def __init__(self, diffusion_model):
         super().__init__()
@@ -43,7 +53,7 @@ class ComfyUNetForExport(torch.nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, add_embeds=None):
         return self.diffusion_model(sample, timestep, context=encoder_hidden_states, y=add_embeds,
-                                    transformer_options={})
+                                    transformer_options={"optimized_attention_override": _pytorch_attention})
 
 
 def comfy_family_spec(model_patcher, shapes: ExportShapes, dtype: str) -> FamilySpec:
@@ -79,23 +89,33 @@ def comfy_scheduler_config(model_patcher) -> dict:
 
 
 @contextlib.contextmanager
-def exportable(diffusion_model):
+def exportable(diffusion_model, export_dtype: torch.dtype):
     """ComfyUI's manual-cast layers (``.view(dtype=)``, weight functions) do not trace; plain
-    layers with merged weights do. Restores the flags and the dtype afterwards, so the MODEL is
-    unchanged for the rest of the workflow."""
+    layers with merged weights do. Afterwards the flags, the dtype and — when the export casts to
+    another dtype — the exact weights come back (a round trip through fp16 would round them), so
+    the MODEL is unchanged for the rest of the workflow."""
     casting = {m: m.comfy_cast_weights for m in diffusion_model.modules() if hasattr(m, "comfy_cast_weights")}
-    dtype = getattr(diffusion_model, "dtype", None)
-    parameter = next(diffusion_model.parameters())
+    dtype_attribute = getattr(diffusion_model, "dtype", None)
+    original_dtype = next(diffusion_model.parameters()).dtype
+    saved = None
+    if export_dtype != original_dtype:
+        saved = {name: tensor.detach().to("cpu", copy=True) for name, tensor in diffusion_model.state_dict().items()}
     try:
         for module in casting:
             module.comfy_cast_weights = False
+        if dtype_attribute is not None:
+            diffusion_model.dtype = export_dtype  # what model_base.get_dtype() reports while exporting
         yield
     finally:
         for module, flag in casting.items():
             module.comfy_cast_weights = flag
-        diffusion_model.to(parameter.dtype)
-        if dtype is not None:
-            diffusion_model.dtype = dtype
+        if saved is not None:
+            diffusion_model.to(original_dtype)
+            with torch.no_grad():
+                for name, tensor in diffusion_model.state_dict().items():
+                    tensor.copy_(saved[name])
+        if dtype_attribute is not None:
+            diffusion_model.dtype = dtype_attribute
 
 
 # ----------------------------------------------------------------------------- load

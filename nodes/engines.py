@@ -10,7 +10,7 @@ from pathlib import Path
 from comfy_api.latest import io, ui
 
 import folder_paths
-from export.families import ExportShapes
+from export.families import DTYPES, ExportShapes
 from export.manifest import MANIFEST_NAME
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
@@ -110,7 +110,7 @@ class TDMExportEngine(io.ComfyNode):
         comfy.model_management.unload_all_models()
         comfy.model_management.load_models_gpu([model], force_patch_weights=True, force_full_load=True)
         spec = comfy_family_spec(model, shapes, dtype)
-        with exportable(model.model.diffusion_model):
+        with exportable(model.model.diffusion_model, DTYPES[dtype]):
             manifest = export_onnx(spec, folder, dtype=dtype, shapes=shapes, scheduler_config=comfy_scheduler_config(model),
                                    timesteps=grid, signature="comfyui",
                                    source={"comfyui_model": type(model.model.model_config).__name__,

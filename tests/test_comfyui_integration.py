@@ -251,11 +251,11 @@ def test_sdxl_student_lora_names_all_load_in_comfyuis_lora_loader():
 EXPORT_NODES = {"TDMExportEngine", "TDMEngineLoader"}
 
 
-def _export_prompt(name: str, build_engine: bool = False) -> dict:
+def _export_prompt(name: str, build_engine: bool = False, dtype: str = "fp32") -> dict:
     prompt = _tiny(json.loads((ROOT / "workflows" / "api" / "sdxl_tdm_export_tensorrt.json").read_text()))
     for node in prompt.values():
         if node["class_type"] == "TDMExportEngine":
-            node["inputs"].update(name=name, dtype="fp32", batch_max=2, height_min=64, height_opt=64, height_max=128,
+            node["inputs"].update(name=name, dtype=dtype, batch_max=2, height_min=64, height_opt=64, height_max=128,
                                   width_min=64, width_opt=64, width_max=128, build_tensorrt_engine=build_engine)
     return prompt
 
@@ -316,6 +316,30 @@ def test_export_node_then_engine_loader_samples_like_the_pytorch_model(comfy):
     assert engine_latent.shape == torch_latent.shape == (1, 4, 8, 8)
     assert torch_latent.std() > 0.05  # a real sample, not a constant that any model would match
     assert (engine_latent - torch_latent).abs().max() < 1e-4 * torch_latent.abs().max()
+
+
+def test_fp16_export_of_an_fp32_model_validates_and_leaves_the_model_as_it_was(comfy):
+    url, base, _ = comfy
+    workflow = json.loads((ROOT / "workflows" / "api" / "sd15_dreamshaper_tdm_lora_4step.json").read_text())
+    before = _run_prompt(url, _latent_output(_tiny(json.loads(json.dumps(workflow)))))
+    assert before["status"]["status_str"] == "success", before["status"]["messages"]
+
+    entry = _run_prompt(url, _export_prompt("tiny_fp16", dtype="fp16"))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    manifest = json.loads((base / "models" / "tensorrt" / "tiny_fp16" / "engine.json").read_text())
+    assert manifest["dtype"] == "fp16" and manifest["inputs"][0]["dtype"] == "float16"
+    assert manifest["validation"]["passed"] and min(c["cosine"] for c in manifest["validation"]["cases"]) > 0.999
+
+    # the cached MODEL (cast to fp16 for the export) is back to its exact float32 weights: the
+    # same sampling (the grid written differently, so ComfyUI runs the sampler again) is bit-equal
+    again = _tiny(json.loads(json.dumps(workflow)))
+    for node in again.values():
+        if node["class_type"] == "TDMKSampler":
+            assert node["inputs"]["custom_timesteps"] == "999, 749, 500, 250"
+            node["inputs"]["custom_timesteps"] = "999,749,500,250"
+    after = _run_prompt(url, _latent_output(again))
+    assert after["status"]["status_str"] == "success", after["status"]["messages"]
+    assert torch.equal(_saved_latent(base, after), _saved_latent(base, before))
 
 
 def test_export_node_refuses_paths_outside_models_tensorrt_and_names_missing_tensorrt(comfy):

@@ -336,10 +336,10 @@ def cmd_generate(args) -> int:
     height = args.height // factor if args.height else None
     width = args.width // factor if args.width else None
     shape = student.latent_shape(1, height, width)
-    backbone = {"sd15": "sdxl"}.get(manifest.family, manifest.family)
     if manifest.family == "sd15":
-        raise ValueError("generate encodes prompts for SDXL, PixArt and CogVideoX exports")
-    cond, _ = encode_prompts(folder, backbone, [args.prompt])
+        raise ValueError("generate encodes prompts for SDXL, PixArt and CogVideoX exports; sample SD1.x engines "
+                         "in ComfyUI with the TDM Engine Loader")
+    cond, _ = encode_prompts(folder, manifest.family, [args.prompt])
     if manifest.family == "sdxl":
         cond = add_sdxl_time_ids(cond, shape[-1] * factor)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))

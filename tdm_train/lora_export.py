@@ -34,6 +34,7 @@ ARCHITECTURES = {
     "pixart": ("transformer", "pixart-alpha/lora", "pixart_alpha"),
     "cogvideox": ("transformer", "cogvideox-2b/lora", "cogvideox_2b"),
     "digits": ("unet", "tdm-digits-unet/lora", "tdm_digits"),
+    "sd15": ("unet", "stable-diffusion-v1/lora", "sd_v1"),
 }
 
 

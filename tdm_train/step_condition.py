@@ -40,8 +40,9 @@ class StepCountEmbedding(nn.Module):
 
 
 def attach(model: nn.Module, backend_name: str, roles, max_steps: int) -> StepCountEmbedding:
-    """Add a StepCountEmbedding to ``model``'s timestep embedding, active in the fake role only."""
-    name = TIME_EMBEDDING_MODULES[backend_name]
+    """Add a StepCountEmbedding to ``model``'s timestep embedding, active in the fake role only.
+    ``backend_name`` is a key of TIME_EMBEDDING_MODULES, or the module's path itself."""
+    name = TIME_EMBEDDING_MODULES.get(backend_name, backend_name)
     target = model.get_submodule(name)
     dim = [m for m in target.modules() if isinstance(m, nn.Linear)][-1].out_features
     embedding = StepCountEmbedding(dim, max_steps).to(next(model.parameters()).device)

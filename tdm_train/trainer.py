@@ -86,6 +86,22 @@ class TrainConfig:
         return data
 
 
+class SingleProcess:
+    """What TDMTrainer uses of an ``accelerate.Accelerator``, for one process on a device chosen
+    by its host (ComfyUI manages its own devices; a second Accelerator there would fight it)."""
+
+    process_index, num_processes, is_main_process, trackers = 0, 1, True, ()
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def log(self, values: dict, step: int | None = None) -> None:
+        pass
+
+
 def _all_reduce_mean(params: list[torch.nn.Parameter], world_size: int) -> None:
     """Average the gradients of ``params`` over every process (one flat all-reduce)."""
     if world_size == 1:
@@ -109,11 +125,17 @@ def _finite(loss: torch.Tensor) -> bool:
 class TDMTrainer:
     """Distils ``backend``'s model into a K-step student LoRA on a bank of prompt conditions."""
 
-    def __init__(self, backend: Backend, conditions: Condition, config: TrainConfig, accelerator=None):
-        from accelerate import Accelerator
-
+    def __init__(self, backend: Backend, conditions: Condition, config: TrainConfig, accelerator=None, roles=None):
+        """``roles``: the teacher/student/fake switch over ``backend.model``. None puts peft LoRA
+        adapters into a diffusers model (roles.AdapterRoles); a caller that hosts the adapters
+        otherwise (ComfyUI's weight wrappers: weight_lora.WeightLoraRoles) passes its own, with the
+        model already on its device and in its dtype."""
         self.backend, self.config = backend, config
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        if accelerator is None:
+            from accelerate import Accelerator
+
+            accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -122,17 +144,8 @@ class TDMTrainer:
         self.num_prompts = next(iter(conditions.values())).shape[0]
 
         model = backend.model
-        model.to(self.device)
-        if config.weight_dtype != torch.float32:
-            model.to(config.weight_dtype)  # the frozen base; LoRA parameters are cast back to fp32 below
-        targets = config.lora_target_modules or backend.default_lora_targets
-        adapter = lora_config(config.lora_rank, config.lora_alpha, targets)
-        self.roles = AdapterRoles(model, adapter)
-        self.roles.cast_adapters(torch.float32)
+        self.roles = roles if roles is not None else self._peft_roles(model, config)
         self._sync_adapters()
-        if config.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
-        model.train()
         self.student, self.teacher, self.fake = (RoleFunction(backend, self.roles, r) for r in ("student", "teacher", "fake"))
         self.objective = TDMObjective(backend.schedule, config.tdm)
         self.step_embedding = None
@@ -140,7 +153,8 @@ class TDMTrainer:
             from .step_condition import attach
 
             torch.manual_seed(config.seed)  # zero-initialised anyway; the seed keeps processes identical
-            self.step_embedding = attach(model, backend.name, self.roles, max(config.tdm.unify_steps))
+            self.step_embedding = attach(model, getattr(backend, "time_embedding_module", backend.name), self.roles,
+                                         max(config.tdm.unify_steps))
             self.fake.step_embedding = self.step_embedding
 
         betas = (config.adam_beta1, config.adam_beta2)
@@ -164,6 +178,19 @@ class TDMTrainer:
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.history: list[dict] = []
+        self.last_samples: torch.Tensor | None = None
+
+    def _peft_roles(self, model: torch.nn.Module, config: TrainConfig) -> AdapterRoles:
+        model.to(self.device)
+        if config.weight_dtype != torch.float32:
+            model.to(config.weight_dtype)  # the frozen base; LoRA parameters are cast back to fp32 below
+        targets = config.lora_target_modules or self.backend.default_lora_targets
+        roles = AdapterRoles(model, lora_config(config.lora_rank, config.lora_alpha, targets))
+        roles.cast_adapters(torch.float32)
+        if config.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        return roles
 
     def _fake_parameters(self) -> list[torch.nn.Parameter]:
         """The fake score's trainable parameters: its LoRA, plus the K embedding in unify mode."""
@@ -200,6 +227,7 @@ class TDMTrainer:
             noise, cond, uncond = self._batch()
             with self.roles.use("student"):
                 trajectory = self.objective.rollout(self.student, noise, cond, self.generator)
+            self.last_samples = trajectory.sample  # the student's current x0 (previews)
             with self.roles.use("fake"):
                 fake_loss, stats = self.objective.fake_score_loss(self.fake, trajectory, cond, self.generator)
                 fake_ok = _finite(self._reduce(fake_loss))

@@ -85,7 +85,7 @@ class TDMExportEngine(io.ComfyNode):
                 io.Boolean.Input("build_tensorrt_engine", default=True,
                                  tooltip="off: ONNX only (runs on ONNX Runtime; no GPU needed)"),
             ],
-            outputs=[io.String.Output(display_name="export_folder")],
+            outputs=[io.String.Output("export_folder", display_name="export_folder")],
             is_output_node=True,
         )
 

@@ -46,7 +46,8 @@ def _post(url: str, body: dict):
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
+            body = response.read()
+            return response.status, json.loads(body) if body.strip() else None
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
 
@@ -65,6 +66,7 @@ def comfy(tmp_path_factory):
     yaml = base / "extra_model_paths.yaml"
     yaml.write_text(
         "tdm_tests:\n"
+        "  is_default: true\n"  # these folders first: what the nodes write lands here, not in the checkout
         f"  custom_nodes: {packs}\n"
         f"  checkpoints: {base / 'models' / 'checkpoints'}\n"
         f"  loras: {base / 'models' / 'loras'}\n"
@@ -385,3 +387,90 @@ def test_engine_loader_models_reproduce_the_exported_network_under_comfyuis_appl
         assert result["x0_max_abs_diff"] < 1e-4 * max(1.0, result["x0_scale"]), result
         assert result["model_size"] == result["runner_bytes"] > 0  # the engine's size reaches ComfyUI
         assert result["memory_required"] == 0
+
+
+def _train_prompt(name: str, steps: int, resume: bool = False, checkpoint_every: int = 2) -> dict:
+    """The shipped training workflow on the tiny SD1.5 model (64 px, fp32 on the CPU), its preview
+    branch replaced by a SaveLatent of the student's 4-step sample."""
+    prompt = _tiny(json.loads((ROOT / "workflows" / "api" / "sdxl_tdm_train_lora.json").read_text()))
+    for node in prompt.values():
+        if node["class_type"] == "TDMTrainLoRA":
+            node["inputs"].update(prompts="a red cat\na blue dog", width=64, height=64, steps=steps, lora_rank=4,
+                                  lora_alpha=8.0, training_dtype="fp32", gradient_checkpointing=True, lora_name=name,
+                                  resume=resume, checkpoint_every=checkpoint_every, fake_learning_rate=1e-3,
+                                  generator_learning_rate=1e-3)
+    prompt = {k: n for k, n in prompt.items() if n["class_type"] != "PreviewImage" or n["inputs"]["images"][0] != "6"}
+    return _latent_output(prompt)
+
+
+def test_train_node_saves_a_native_lora_that_loraloader_loads_completely(comfy):
+    """TDM Train LoRA on the tiny model: the LoRA lands in models/loras in ComfyUI's native keys
+    with the true alpha, LoraLoader loads every key of it, and the node's own MODEL output is that
+    LoRA applied (the same 4-step sample)."""
+    from safetensors import safe_open
+
+    url, base, log = comfy
+    entry = _run_prompt(url, _train_prompt("tiny_trained", steps=3), timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    path = base / "models" / "loras" / "tiny_trained.safetensors"
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = list(f.keys()), f.metadata()
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert keys and all(k.startswith("diffusion_model.") for k in keys)
+    assert {k.rsplit(".", 2)[-2] for k in keys if k.endswith(".weight")} == {"lora_up", "lora_down"}
+    assert any(".attn1.to_q." in k for k in keys) and alphas == {8.0}
+    assert json.loads(metadata["tdm.timesteps"]) == [899, 674, 449, 224] and metadata["ss_max_train_steps"] == "3"
+    diffusers_copy = base / "output" / "tdm_training" / "tiny_trained" / "diffusers" / "pytorch_lora_weights.safetensors"
+    assert diffusers_copy.is_file()  # for diffusers users (SD1.x / SDXL)
+    student = _saved_latent(base, entry)
+    assert student.isfinite().all()
+
+    # the saved file through ComfyUI's own LoraLoader: nothing left unloaded, the same sample
+    start = len(log.read_text())
+    prompt = _train_prompt("tiny_trained", steps=3)
+    train_id = next(k for k, n in prompt.items() if n["class_type"] == "TDMTrainLoRA")
+    checkpoint_id = prompt[train_id]["inputs"]["model"][0]
+    prompt[train_id] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": [checkpoint_id, 0], "lora_name": "tiny_trained.safetensors", "strength_model": 1.0}}
+    loaded = _run_prompt(url, prompt)
+    assert loaded["status"]["status_str"] == "success", loaded["status"]["messages"]
+    assert "lora key not loaded" not in log.read_text()[start:]
+    torch.testing.assert_close(_saved_latent(base, loaded), student, atol=1e-4, rtol=1e-4)
+
+
+def test_interrupted_training_keeps_a_checkpoint_and_resume_continues_from_it(comfy):
+    url, base, log = comfy
+    folder = base / "output" / "tdm_training" / "tiny_interrupted"
+    status, answer = _post(url + "/prompt", {"prompt": _train_prompt("tiny_interrupted", steps=100000,
+                                                                     checkpoint_every=100000),
+                                             "client_id": str(uuid.uuid4())})
+    assert status == 200, answer
+    prompt_id = answer["prompt_id"]
+    start = len(log.read_text())
+    deadline = time.time() + 300
+    while "TDM:" not in log.read_text()[start:] and time.time() < deadline:  # the training progress bar
+        time.sleep(0.5)
+    time.sleep(5)  # a few training steps
+    _post(url + "/interrupt", {})
+    while time.time() < deadline:
+        history = _get(f"{url}/history/{prompt_id}")
+        if prompt_id in history and history[prompt_id]["status"].get("completed") is not None:
+            break
+        time.sleep(0.5)
+    assert history[prompt_id]["status"]["status_str"] != "success"
+    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "the Cancel button left no checkpoint"
+    reached = int(checkpoints[-1].name.split("-")[1])
+    assert reached >= 1
+    assert not (base / "models" / "loras" / "tiny_interrupted.safetensors").exists()
+
+    # without resume the run is refused rather than overwritten
+    refused = _run_prompt(url, _train_prompt("tiny_interrupted", steps=reached + 2))
+    message = [m for m in refused["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
+    assert "already exist" in message and "resume" in message
+    start = len(log.read_text())
+    resumed = _run_prompt(url, _train_prompt("tiny_interrupted", steps=reached + 2, resume=True), timeout=600)
+    assert resumed["status"]["status_str"] == "success", resumed["status"]["messages"]
+    assert f"resumed from {checkpoints[-1]} at step {reached}" in log.read_text()[start:]
+    history = json.loads((folder / "train_history.json").read_text())
+    assert [h["step"] for h in history] == [reached + 1, reached + 2]  # only the missing steps ran

@@ -61,6 +61,15 @@ CATALOG: dict[str, dict] = {
         "outputs": [("export_folder", "STRING")],
     },
     "TDMEngineLoader": {"inputs": [], "widgets": ["engine_name", "onnx_provider"], "outputs": [("MODEL", "MODEL")]},
+    "TDMTrainLoRA": {
+        "inputs": [("model", "MODEL"), ("clip", "CLIP")],
+        "widgets": ["prompts", "prompts_file", "negative_prompt", "width", "height", "steps", "batch_size",
+                    "generator_learning_rate", "fake_learning_rate", "lora_rank", "lora_alpha", "grid", "num_steps",
+                    "custom_timesteps", "training_cfg", "loss", "tau_mode", "unify_steps", "seed",
+                    "gradient_checkpointing", "training_dtype", "lora_name", "resume", "checkpoint_every"],
+        "outputs": [("model", "MODEL"), ("lora", "LORA_MODEL"), ("loss_curve", "IMAGE"), ("lora_path", "STRING")],
+    },
+    "PreviewImage": {"inputs": [("images", "IMAGE")], "widgets": [], "outputs": []},
     "Note": {"inputs": [], "widgets": ["text"], "outputs": [], "virtual": True},  # frontend-only
 }
 
@@ -236,7 +245,40 @@ def workflows() -> list[Workflow]:
         [{"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
           "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}],
     )
-    return [sdxl, pixart, sd3, sd15, export, engine]
+    training = Workflow(
+        "sdxl_tdm_train_lora",
+        "Distil the loaded SDXL checkpoint into a 4-step TDM LoRA, then sample it",
+        [
+            Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, pos=(40, 80)),
+            Node(2, "TDMTrainLoRA", {
+                "prompts": "a photograph of an astronaut riding a horse\na watercolor painting of a fox in a snowy "
+                           "forest\na portrait of an old fisherman, dramatic light\na futuristic city at night, "
+                           "neon reflections on wet streets",
+                "prompts_file": "(none)", "negative_prompt": "", "width": 1024, "height": 1024, "steps": 500,
+                "batch_size": 1, "generator_learning_rate": 2e-5, "fake_learning_rate": 1e-4, "lora_rank": 32,
+                "lora_alpha": 64.0, "grid": "tdm_uniform", "num_steps": 4, "custom_timesteps": "899, 674, 449, 224",
+                "training_cfg": 4.5, "loss": "mse", "tau_mode": "separate", "unify_steps": "", "seed": 0,
+                "gradient_checkpointing": True, "training_dtype": "bf16", "lora_name": "tdm_sdxl_student",
+                "resume": False, "checkpoint_every": 100},
+                 {"model": (1, 0), "clip": (1, 1)}, pos=(420, 80)),
+            Node(3, "CLIPTextEncode", {"text": PROMPT}, {"clip": (1, 1)}, pos=(800, 300)),
+            Node(4, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(800, 520)),
+            Node(5, "TDMKSampler", {"seed": 0, **_tdm_grid(), "eta": 0.0, "cfg": 1.0, "denoise": 1.0},
+                 {"model": (2, 0), "positive": (3, 0), "latent_image": (4, 0)}, pos=(1180, 80)),
+            Node(6, "VAEDecode", {}, {"samples": (5, 0), "vae": (1, 2)}, pos=(1560, 80)),
+            Node(7, "PreviewImage", {}, {"images": (6, 0)}, pos=(1560, 300)),
+            Node(8, "PreviewImage", {}, {"images": (2, 2)}, pos=(800, 740)),
+            _note(9, "TDM distillation of the checkpoint as loaded, from prompts alone (no images): the model is the "
+                     "teacher, the student and a fake score are two LoRAs on it. The LoRA lands in "
+                     "models/loras/tdm_sdxl_student.safetensors (checkpoints and a diffusers copy in "
+                     "output/tdm_training/); the node's model output samples at once in 4 steps, cfg 1. Cancel "
+                     "stops after saving a checkpoint; turn resume on to continue. Needs a GPU with about 24 GB for "
+                     "SDXL at 1024 px (gradient checkpointing on, bf16).", (40, 320)),
+        ],
+        [{"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+          "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}],
+    )
+    return [sdxl, pixart, sd3, sd15, export, engine, training]
 
 
 def _widget_values(node: Node) -> list:

@@ -30,3 +30,11 @@ def get_full_path(folder_name: str, filename: str) -> str | None:
         if os.path.isfile(path):
             return path
     return None
+
+
+def get_input_directory() -> str:
+    return os.path.join(tempfile.gettempdir(), "comfy_stub_input")
+
+
+def get_output_directory() -> str:
+    return os.path.join(tempfile.gettempdir(), "comfy_stub_output")

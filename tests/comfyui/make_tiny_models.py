@@ -1,6 +1,6 @@
 """Writes tiny ComfyUI-loadable model files for the integration tests (run with ComfyUI's Python,
 ComfyUI's root on PYTHONPATH): an SD1.5-structured checkpoint (a 1-level UNet that ComfyUI
-detects as SD15, one CLIP key so the text encoder is built, a TAESD VAE), a TDM LoRA for that
+detects as SD15, a random-weight CLIP-L text encoder, a TAESD VAE), a TDM LoRA for that
 UNet with recorded strength metadata, and a LoRA for another architecture.
 
     python make_tiny_models.py OUT_DIR   ->  OUT_DIR/checkpoints/tiny_sd15.safetensors,
@@ -37,8 +37,16 @@ def main(out: Path) -> None:
     for p in unet.parameters():  # a quiet random network: outputs stay small and finite
         torch.nn.init.normal_(p, std=0.02)
     checkpoint = {f"model.diffusion_model.{k}": v.half() for k, v in unet.state_dict().items()}
-    checkpoint["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.ones(768)
-    checkpoint["cond_stage_model.transformer.text_model.final_layer_norm.bias"] = torch.zeros(768)
+    # SD1.5's text encoder (CLIP-L, ComfyUI's own config) with random weights: every tensor present,
+    # so prompts encode to finite conditioning (an absent weight stays uninitialised memory)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = json.loads((Path(comfy.ops.__file__).parent / "sd1_clip_config.json").read_text())
+    config.pop("architectures", None)
+    clip = CLIPTextModel(CLIPTextConfig(**config))
+    for key, value in clip.state_dict().items():
+        if not key.endswith("position_ids"):
+            checkpoint[f"cond_stage_model.transformer.{key}"] = value.half()
     taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
     checkpoint.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()})
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)

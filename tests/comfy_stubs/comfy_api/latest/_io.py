@@ -204,6 +204,21 @@ class Sigmas(ComfyTypeIO):
     pass
 
 
+@comfytype(io_type="CLIP")
+class Clip(ComfyTypeIO):
+    pass
+
+
+@comfytype(io_type="IMAGE")
+class Image(ComfyTypeIO):
+    pass
+
+
+@comfytype(io_type="LORA_MODEL")
+class LoraModel(ComfyTypeIO):
+    pass
+
+
 @dataclass
 class Schema:
     """Definition of V3 node properties (ComfyUI 0.3.64's fields, order and defaults)."""

@@ -1,0 +1,238 @@
+"""The TDM trainer on a MODEL as ComfyUI loaded it: the ComfyUI backend of the x0-predictor
+protocol, its two adapter sets as ComfyUI weight wrappers, and the LoRA files it writes.
+
+- x0 comes from ComfyUI's own model wrapper (``apply_model``: eps, v and flow models alike) in
+  k-diffusion space; the core works in VP space with integer timesteps, so the state is scaled
+  by 1 / alpha_t going in (sigma = sigma_t / alpha_t), flow models take it as it is.
+- "student" and "fake" are LoRA deltas on ONE patcher's weights (``add_weight_wrapper``, as
+  ComfyUI's own LoRA trainer); the teacher is both switched off (weight_lora.WeightLoraRoles).
+- Prompts are encoded by the CLIP as loaded and turned into the model's conditioning by the
+  model itself (``extra_conds``: SDXL's y, PixArt's size conditions), once, before training.
+- The LoRA is saved in ComfyUI's native keys (``diffusion_model.<path>.lora_up/lora_down/alpha``,
+  true alpha), plus, for SDXL, the diffusers / kohya files of lora_export for diffusers users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+
+import torch
+
+from tdm_train.backends.base import Backend, Condition
+from tdm_train.schedule import NoiseSchedule
+from tdm_train.trainer import TDMTrainer
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PIXART_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")
+
+
+def training_family(model_patcher) -> str:
+    base = model_patcher.model
+    name = type(base).__name__
+    if name == "SDXL":
+        return "sdxl"
+    if name == "PixArt":
+        return "pixart"
+    if name == "BaseModel" and not base.adm_channels and base.model_config.unet_config.get("context_dim") in (768, 1024):
+        return "sd15"
+    raise ValueError(f"TDM Train LoRA distils SDXL, SD1.x/2.x and PixArt-alpha models; this MODEL is a {name} "
+                     f"({type(base.model_config).__name__})")
+
+
+def schedule_of(model_sampling) -> tuple[NoiseSchedule, bool]:
+    """The model's own noise levels per integer timestep as a NoiseSchedule, and whether it is a
+    flow (CONST) model. ComfyUI keeps k-diffusion sigmas: sigma = sigma_t / alpha_t for VP
+    models, the flow time itself for CONST ones."""
+    import comfy.model_sampling
+
+    sigmas = model_sampling.sigmas.double().cpu()
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return NoiseSchedule(1 - sigmas, sigmas, prediction_type="flow_prediction", kind="flow"), True
+    if not isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise ValueError(f"TDM Train LoRA needs a discrete-time or flow model; this one samples with "
+                         f"{type(model_sampling).__name__}")
+    return NoiseSchedule.from_alphas_cumprod(1 / (1 + sigmas**2)), False
+
+
+def encode_conditions(model_patcher, clip, prompts: list[str], latent: torch.Tensor) -> Condition:
+    """Every prompt through the CLIP as loaded and the model's ``extra_conds``, stacked into one
+    bank [N, ...] of apply_model keyword arguments (c_crossattn, y, c_size, ...). Cross-attention
+    states of different lengths are repeated to a common one, as ComfyUI batches them."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    per_prompt = []
+    for text in prompts:
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        converted = comfy.sampler_helpers.convert_cond(conditioning)
+        encoded = comfy.samplers.encode_model_conds(model_patcher.model.extra_conds, converted, latent, latent.device,
+                                                    "positive")
+        per_prompt.append(encoded[0]["model_conds"])
+    keys = [k for k in per_prompt[0] if k not in ("c_concat",)]
+    bank = {}
+    with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; training needs normal tensors
+        for key in keys:
+            first, rest = per_prompt[0][key], [c[key] for c in per_prompt[1:]]
+            bank[key] = first.concat(rest).clone() if rest else first.cond.clone()
+    return bank
+
+
+class ComfyBackend(Backend):
+    """A ComfyUI MODEL behind the x0-predictor protocol. Conditions are apply_model keyword
+    arguments; the unconditional input is the negative prompt's."""
+
+    default_lora_targets = UNET_TARGETS
+
+    def __init__(self, model_patcher, family: str, negative: Condition, latent_shape: tuple[int, ...]):
+        self.name = family
+        self.patcher = model_patcher
+        self.base = model_patcher.model
+        self.model = self.base.diffusion_model
+        self.negative = negative
+        self._latent_shape = latent_shape  # [C, h, w]
+        self.schedule, self.flow = schedule_of(model_patcher.get_model_object("model_sampling"))
+        if family == "pixart":
+            self.default_lora_targets = PIXART_TARGETS
+            self.time_embedding_module = "t_embedder"
+        else:
+            self.time_embedding_module = "time_embed"
+
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self._latent_shape)
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        alpha, sigma = self.schedule.coefficients(t, x_t)
+        if self.flow:
+            x_in, k_sigma = x_t, sigma
+        else:
+            x_in, k_sigma = x_t / alpha, sigma / alpha
+        return self.base.apply_model(x_in, k_sigma.reshape(-1), **cond).float()
+
+    def unconditional(self, cond: Condition) -> Condition:
+        batch = next(iter(cond.values())).shape[0]
+        out = {}
+        for key, value in self.negative.items():
+            value = value.to(cond[key].device)
+            if key == "c_crossattn" and value.shape[1] != cond[key].shape[1]:
+                value = _same_length(value, cond[key].shape[1])
+            out[key] = value.expand(batch, *value.shape[1:])
+        return out
+
+
+def _same_length(states: torch.Tensor, length: int) -> torch.Tensor:
+    """Cross-attention states repeated to ``length`` tokens (ComfyUI's own batching rule), so
+    prompt and negative of different chunk counts share one batch."""
+    if length % states.shape[1] == 0:
+        return states.repeat(1, length // states.shape[1], 1)
+    raise ValueError(f"negative prompt of {states.shape[1]} tokens cannot be batched with prompts of {length}: "
+                     "shorten the longer one")
+
+
+def bank_same_length(bank: Condition, negative: Condition) -> tuple[Condition, Condition]:
+    """Prompt bank and negative with a common cross-attention length (their least common multiple)."""
+    import math
+
+    if "c_crossattn" not in bank:
+        return bank, negative
+    length = math.lcm(bank["c_crossattn"].shape[1], negative["c_crossattn"].shape[1])
+    return ({**bank, "c_crossattn": _same_length(bank["c_crossattn"], length)},
+            {**negative, "c_crossattn": _same_length(negative["c_crossattn"], length)})
+
+
+def without_inference_tensors(module: torch.nn.Module) -> int:
+    """Replaces weights that ComfyUI loaded under ``torch.inference_mode`` by normal copies of the
+    same values: autograd cannot save inference tensors for backward (a LayerNorm's weight is
+    needed for its input's gradient). Returns how many were replaced."""
+    replaced = 0
+    with torch.no_grad():
+        for child in module.modules():
+            for name, tensor in list(child._parameters.items()):
+                if tensor is not None and tensor.is_inference():
+                    child._parameters[name] = torch.nn.Parameter(tensor.clone(), requires_grad=False)
+                    replaced += 1
+            for name, tensor in list(child._buffers.items()):
+                if tensor is not None and tensor.is_inference():
+                    child._buffers[name] = tensor.clone()
+                    replaced += 1
+    return replaced
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(diffusion_model, enabled: bool):
+    """Gradient checkpointing of every block (the children of the model, ModuleLists opened),
+    restored afterwards. The role in force at backward time is the one the step runs as
+    (WeightLoraRoles.use restores it), so the recomputation sees the same weights."""
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = []
+    for child in diffusion_model.children():
+        members = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
+        blocks += [m for m in members if any(p.numel() for p in m.parameters())]
+    originals = {block: block.forward for block in blocks}
+    for block, forward in originals.items():
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for block, forward in originals.items():
+            block.forward = forward
+
+
+def native_lora(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """WeightLoraRoles keys (``<path>.lora_down.weight`` / ``.lora_up.weight``) as ComfyUI's native
+    LoRA: ``diffusion_model.<path>.lora_up.weight`` / ``.lora_down.weight`` / ``.alpha`` (true alpha)."""
+    out = {}
+    for key, value in state.items():
+        out[f"diffusion_model.{key}"] = value.detach().float().cpu().contiguous()
+        if key.endswith(".lora_down.weight"):
+            out[f"diffusion_model.{key[: -len('.lora_down.weight')]}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def diffusers_names(unet_config: dict, modules: list[str]) -> dict[str, str]:
+    """ComfyUI UNet module path -> diffusers module path (SDXL / SD1.x), from ComfyUI's own map."""
+    import comfy.utils
+
+    to_comfy = comfy.utils.unet_to_diffusers(unet_config)  # diffusers key -> comfy key, for weights
+    to_diffusers = {comfy_key.removesuffix(".weight"): key.removesuffix(".weight")
+                    for key, comfy_key in to_comfy.items() if comfy_key.endswith(".weight")}
+    missing = [m for m in modules if m not in to_diffusers]
+    if missing:
+        raise ValueError(f"no diffusers name for {len(missing)} trained modules, e.g. {missing[:3]}")
+    return {m: to_diffusers[m] for m in modules}
+
+
+class ComfyTDMTrainer(TDMTrainer):
+    """TDMTrainer whose final LoRA goes where ComfyUI users look for it."""
+
+    lora_path: Path
+    family: str
+    unet_config: dict | None = None
+
+    def export_lora(self) -> tuple[Path, ...]:
+        from tdm_train import atomic
+        from tdm_train.lora_export import lora_metadata, save_student_lora
+
+        cfg = self.config
+        state = self.student_state()
+        targets = cfg.lora_target_modules or self.backend.default_lora_targets
+        metadata = lora_metadata(self.family, cfg.lora_rank, cfg.lora_alpha, targets, self.objective.timesteps,
+                                 self.step, title=f"TDM student ({self.family}, trained in ComfyUI)")
+        metadata["modelspec.implementation"] = "comfyui"
+        atomic.save_safetensors(native_lora(state, cfg.lora_alpha), self.lora_path, metadata)
+        written = [self.lora_path]
+        if self.family in ("sdxl", "sd15") and self.unet_config is not None:
+            modules = sorted({k[: -len(".lora_down.weight")] for k in state if k.endswith(".lora_down.weight")})
+            names = diffusers_names(self.unet_config, modules)
+            peft = {}
+            for module in modules:
+                peft[f"{names[module]}.lora_A.weight"] = state[f"{module}.lora_down.weight"]
+                peft[f"{names[module]}.lora_B.weight"] = state[f"{module}.lora_up.weight"]
+            written += list(save_student_lora(self.output_dir / "diffusers", self.family, peft, cfg.lora_rank,
+                                              cfg.lora_alpha, targets, self.objective.timesteps, self.step))
+        return tuple(written)

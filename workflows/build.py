@@ -272,8 +272,8 @@ def workflows() -> list[Workflow]:
                      "teacher, the student and a fake score are two LoRAs on it. The LoRA lands in "
                      "models/loras/tdm_sdxl_student.safetensors (checkpoints and a diffusers copy in "
                      "output/tdm_training/); the node's model output samples at once in 4 steps, cfg 1. Cancel "
-                     "stops after saving a checkpoint; turn resume on to continue. Needs a GPU with about 24 GB for "
-                     "SDXL at 1024 px (gradient checkpointing on, bf16).", (40, 320)),
+                     "stops after saving a checkpoint; turn resume on to continue. SDXL at 1024 px needs a GPU "
+                     "(gradient checkpointing on, bf16).", (40, 320)),
         ],
         [{"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
           "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}],

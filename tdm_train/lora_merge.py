@@ -122,38 +122,67 @@ def _strip(name: str) -> str:
     return name
 
 
-@torch.no_grad()
-def fuse_lora(model: torch.nn.Module, path: str | Path, strength: float | None = None) -> FusedLora:
-    """Adds the LoRA at ``path`` into ``model``'s weights. ``strength`` None takes the file's own
-    recommendation (our ``tdm.lora_strength`` metadata, or a known release), else 1.0.
-    Nothing is changed unless every key of the file matches a module."""
-    layers, metadata = read_lora(path)
-    if strength is None:
-        recommendation = recommend(metadata, str(path))
-        strength, source = ((recommendation.strength, recommendation.source) if recommendation
-                            else (1.0, "default 1.0 (the file records no strength)"))
-    else:
-        source = "given"
-    index = _module_index(model)
-    unmatched = [name for name in layers if _strip(name) not in index]
-    if unmatched:
-        raise ValueError(f"{path} does not fit this {type(model).__name__}: "
-                         + describe_unmatched(unmatched, len(layers)))
-    updates = []
-    for name, layer in layers.items():
-        module = index[_strip(name)]
+@dataclass
+class LoraMatch:
+    """The modules of a model that a LoRA file's layers land on, and the layers that land nowhere."""
+
+    path: str
+    modules: dict[str, tuple[torch.nn.Module, LoraLayer]]  # file's module name -> (module, layer)
+    unmatched: list[str]
+    metadata: dict
+
+    def delta(self, name: str, strength: float) -> torch.Tensor:
+        """strength * alpha / rank * up @ down, shaped like the module's weight (float32)."""
+        module, layer = self.modules[name]
         rank = layer.down.shape[0]
         scale = strength * ((layer.alpha / rank) if layer.alpha is not None else 1.0)
+        return ((layer.up.float().flatten(1) @ layer.down.float().flatten(1)) * scale).reshape(module.weight.shape)
+
+
+def match_lora(model: torch.nn.Module, path: str | Path) -> LoraMatch:
+    """Reads ``path`` and finds each layer's module in ``model``; a layer whose shapes do not fit
+    its module is an error (a LoRA for another model size), one with no module is listed."""
+    layers, metadata = read_lora(path)
+    index = _module_index(model)
+    matched, unmatched = {}, []
+    for name, layer in layers.items():
+        module = index.get(_strip(name))
+        if module is None:
+            unmatched.append(name)
+            continue
         weight = module.weight
-        down, up = layer.down.float().flatten(1), layer.up.float().flatten(1)
+        down, up = layer.down.flatten(1), layer.up.flatten(1)
         # up [out, rank] @ down [rank, in * kernel] must give exactly [out, in * kernel] of the weight
         # (a numel check alone would fuse a transposed LoRA, [in, out], into garbage)
         if up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0] or down.shape[1] != weight[0].numel():
             raise ValueError(f"{path}: {name} has up {tuple(layer.up.shape)} and down {tuple(layer.down.shape)}, "
                              f"which do not fit {_strip(name)}'s weight {tuple(weight.shape)}: a LoRA for another "
                              "model size, or a broken file")
-        delta = (up @ down) * scale
-        updates.append((weight, delta.reshape(weight.shape)))
+        matched[name] = (module, layer)
+    return LoraMatch(str(path), matched, unmatched, metadata)
+
+
+def resolve_strength(metadata: dict, path: str | Path, strength: float | None) -> tuple[float, str]:
+    """``strength`` if given, else the file's recorded one (tdm.lora_strength, a known release), else 1."""
+    if strength is not None:
+        return float(strength), "given"
+    recommendation = recommend(metadata, str(path))
+    if recommendation:
+        return recommendation.strength, recommendation.source
+    return 1.0, "default 1.0 (the file records no strength)"
+
+
+@torch.no_grad()
+def fuse_lora(model: torch.nn.Module, path: str | Path, strength: float | None = None) -> FusedLora:
+    """Adds the LoRA at ``path`` into ``model``'s weights. ``strength`` None takes the file's own
+    recommendation (our ``tdm.lora_strength`` metadata, or a known release), else 1.0.
+    Nothing is changed unless every key of the file matches a module."""
+    match = match_lora(model, path)
+    strength, source = resolve_strength(match.metadata, path, strength)
+    if match.unmatched:
+        raise ValueError(f"{path} does not fit this {type(model).__name__}: "
+                         + describe_unmatched(match.unmatched, len(match.unmatched) + len(match.modules)))
+    updates = [(module.weight, match.delta(name, strength)) for name, (module, _) in match.modules.items()]
     for weight, delta in updates:  # only now, after every layer was checked
         weight.add_(delta.to(weight.device, weight.dtype))
-    return FusedLora(str(path), float(strength), source, len(layers), metadata)
+    return FusedLora(str(path), float(strength), source, len(match.modules), match.metadata)

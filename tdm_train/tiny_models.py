@@ -78,6 +78,18 @@ def tiny_cogvideox_transformer(seed: int = 0):
     ).eval()
 
 
+def tiny_cogvideox_vae(seed: int = 0):
+    """A tiny AutoencoderKLCogVideoX with CogVideoX's compression (4x in time, 8x in space)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(seed)
+    return AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    ).eval()
+
+
 # CogVideoX-2B's scheduler (v-prediction, zero terminal SNR, SNR shift 3)
 COGVIDEOX_2B_SCHEDULER_CONFIG = {"_class_name": "CogVideoXDDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
                                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
@@ -158,12 +170,15 @@ def save_tiny_pipeline(folder, backbone: str, seed: int = 0):
             denoiser = ["diffusers", "PixArtTransformer2DModel"]
         elif backbone == "cogvideox":
             tiny_cogvideox_transformer(seed).save_pretrained(folder / "transformer")
+            tiny_cogvideox_vae(seed).save_pretrained(folder / "vae")
             scheduler, pipeline = dict(COGVIDEOX_2B_SCHEDULER_CONFIG), "CogVideoXPipeline"
             denoiser = ["diffusers", "CogVideoXTransformer3DModel"]
         else:
             raise ValueError(f"unknown backbone {backbone!r}")
         components = {"transformer": denoiser, "text_encoder": ["transformers", "T5EncoderModel"],
                       "tokenizer": ["transformers", "T5Tokenizer"]}
+        if backbone == "cogvideox":
+            components["vae"] = ["diffusers", "AutoencoderKLCogVideoX"]
     if backbone != "cogvideox":
         AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                       down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 def node_classes() -> list[type]:
     """Every node the extension registers (imported here, inside ComfyUI only)."""
-    from . import engines, lora, sampling, training
+    from . import cogvideox, engines, lora, sampling, training
 
-    return [*sampling.NODES, *lora.NODES, *engines.NODES, *training.NODES]
+    return [*sampling.NODES, *lora.NODES, *engines.NODES, *training.NODES, *cogvideox.NODES]
 
 
 def build_extension():

@@ -71,6 +71,7 @@ def comfy(tmp_path_factory):
         f"  checkpoints: {base / 'models' / 'checkpoints'}\n"
         f"  loras: {base / 'models' / 'loras'}\n"
         f"  tensorrt: {base / 'models' / 'tensorrt'}\n"
+        f"  CogVideo: {base / 'models' / 'CogVideo'}\n"
     )
     port = _free_port()
     log = base / "server.log"
@@ -474,3 +475,58 @@ def test_interrupted_training_keeps_a_checkpoint_and_resume_continues_from_it(co
     assert f"resumed from {checkpoints[-1]} at step {reached}" in log.read_text()[start:]
     history = json.loads((folder / "train_history.json").read_text())
     assert [h["step"] for h in history] == [reached + 1, reached + 2]  # only the missing steps ran
+
+
+def _cogvideox_prompt(model: str, lora: str, frames: int = 9) -> dict:
+    prompt = json.loads((ROOT / "workflows" / "api" / "cogvideox_2b_tdm_4step.json").read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "TDMCogVideoXLoader":
+            inputs.update(model=model, dtype="fp32")
+        elif node["class_type"] == "TDMCogVideoXLoRA":
+            inputs["lora_name"] = lora
+        elif node["class_type"] == "TDMCogVideoXTextEncode":
+            inputs["text"] = "a red cat riding a horse"
+        elif node["class_type"] == "TDMCogVideoXSampler":
+            inputs.update(frames=frames, width=16, height=16, seed=7)
+    sampler_id = next(k for k, n in prompt.items() if n["class_type"] == "TDMCogVideoXSampler")
+    prompt["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": "tdm_cog"}}
+    return prompt
+
+
+def test_cogvideox_workflow_samples_the_trained_grid_and_saves_frames(comfy, tmp_path):
+    """The shipped CogVideoX workflow on a tiny CogVideoX folder with a LoRA made by our trainer's
+    exporter: 4 steps on 999/856/665/399, the same latents as tdm_train.cogvideox_pipeline computes
+    outside ComfyUI, 9 decoded frames in an animated WEBP; and the clear errors."""
+    import shutil
+
+    from export_helpers import tiny_student
+    from PIL import Image
+
+    from tdm_train.cogvideox_pipeline import CogVideoXParts
+
+    url, base, _ = comfy
+    pipeline, lora = tiny_student(tmp_path, "cogvideox")
+    shutil.copytree(pipeline, base / "models" / "CogVideo" / "tiny_cogvideox")
+    shutil.copy(lora / "pytorch_lora_weights.safetensors", base / "models" / "loras" / "tiny_cog_tdm.safetensors")
+
+    entry = _run_prompt(url, _cogvideox_prompt("tiny_cogvideox", "tiny_cog_tdm.safetensors"))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+    assert any("strength 1 (metadata tdm.lora_strength), 4 modules, fused" in t for t in texts), texts
+    latents = _saved_latent(base, entry)
+    assert latents.shape == (1, 4, 3, 2, 2)  # [B, C, F, h, w]: 9 frames -> 3 latent frames, 16 px -> 2
+    parts = CogVideoXParts.load(pipeline, "fp32").with_lora(lora / "pytorch_lora_weights.safetensors")
+    expected = parts.sample(parts.encode(["a red cat riding a horse"]), seed=7, frames=9, height=16, width=16)
+    torch.testing.assert_close(latents, expected.permute(0, 2, 1, 3, 4), atol=1e-4, rtol=1e-4)
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    with Image.open(base / "output" / images[0]["subfolder"] / images[0]["filename"]) as webp:
+        assert webp.size == (16, 16) and webp.n_frames == 9
+
+    bad_frames = _run_prompt(url, _cogvideox_prompt("tiny_cogvideox", "tiny_cog_tdm.safetensors", frames=10))
+    message = [m for m in bad_frames["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
+    assert "4k+1" in message
+    shutil.copytree(tiny_student(tmp_path / "sdxl", "sdxl")[0], base / "models" / "CogVideo" / "not_cogvideox")
+    not_cog = _run_prompt(url, _cogvideox_prompt("not_cogvideox", "tiny_cog_tdm.safetensors"))
+    message = [m for m in not_cog["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
+    assert "is not a CogVideoX diffusers folder" in message and "StableDiffusionXLPipeline" in message

@@ -75,12 +75,14 @@ def test_every_node_schema_builds_with_a_unique_tdm_id_the_tdm_category_and_a_di
     classes = _submodule(pack, "").node_classes()
     assert classes and all(issubclass(cls, io.ComfyNode) for cls in classes)
     assert set(schemas) == {"TDMScheduler", "TDMSampler", "TDMKSampler", "TDMLoraLoader", "TDMExportEngine",
-                            "TDMEngineLoader", "TDMTrainLoRA"}
+                            "TDMEngineLoader", "TDMTrainLoRA", "TDMCogVideoXLoader", "TDMCogVideoXLoRA",
+                            "TDMCogVideoXTextEncode", "TDMCogVideoXSampler", "TDMCogVideoXDecode"}
     for node_id, schema in schemas.items():
         assert isinstance(schema, io.Schema)
         schema.validate()  # input/output ids unique, as ComfyUI checks when it registers the node
         assert node_id.startswith("TDM")
-        expected = "TDM/export" if "Engine" in node_id else "training/TDM" if "Train" in node_id else "sampling/TDM"
+        expected = ("TDM/export" if "Engine" in node_id else "training/TDM" if "Train" in node_id
+                    else "TDM/CogVideoX" if "CogVideoX" in node_id else "sampling/TDM")
         assert schema.category == expected
         assert isinstance(schema.display_name, str) and schema.display_name.strip()
         assert schema.description

@@ -70,6 +70,23 @@ CATALOG: dict[str, dict] = {
         "outputs": [("model", "MODEL"), ("lora", "LORA_MODEL"), ("loss_curve", "IMAGE"), ("lora_path", "STRING")],
     },
     "PreviewImage": {"inputs": [("images", "IMAGE")], "widgets": [], "outputs": []},
+    "SaveAnimatedWEBP": {"inputs": [("images", "IMAGE")],
+                         "widgets": ["filename_prefix", "fps", "lossless", "quality", "method"], "outputs": []},
+    "TDMCogVideoXLoader": {"inputs": [], "widgets": ["model", "dtype"], "outputs": [("pipeline", "TDM_COGVIDEOX")]},
+    "TDMCogVideoXLoRA": {"inputs": [("pipeline", "TDM_COGVIDEOX")],
+                         "widgets": ["lora_name", "strength_source", "strength", "fuse"],
+                         "outputs": [("pipeline", "TDM_COGVIDEOX")]},
+    "TDMCogVideoXTextEncode": {"inputs": [("pipeline", "TDM_COGVIDEOX")], "widgets": ["text"],
+                               "outputs": [("embeds", "TDM_COGVIDEOX_EMBEDS")]},
+    "TDMCogVideoXSampler": {
+        "inputs": [("pipeline", "TDM_COGVIDEOX"), ("positive", "TDM_COGVIDEOX_EMBEDS"),
+                   ("negative", "TDM_COGVIDEOX_EMBEDS")],
+        "widgets": ["seed", "frames", "width", "height", "preset", "steps", "custom_timesteps", "eta", "cfg"],
+        "control": {"seed"}, "optional": {"negative"},
+        "outputs": [("LATENT", "LATENT")],
+    },
+    "TDMCogVideoXDecode": {"inputs": [("pipeline", "TDM_COGVIDEOX"), ("samples", "LATENT")],
+                           "widgets": ["tiling", "slicing"], "outputs": [("IMAGE", "IMAGE")]},
     "Note": {"inputs": [], "widgets": ["text"], "outputs": [], "virtual": True},  # frontend-only
 }
 
@@ -278,7 +295,33 @@ def workflows() -> list[Workflow]:
         [{"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
           "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors"}],
     )
-    return [sdxl, pixart, sd3, sd15, export, engine, training]
+    cogvideox = Workflow(
+        "cogvideox_2b_tdm_4step",
+        "CogVideoX-2B + official TDM LoRA, 4 steps, 49 frames",
+        [
+            Node(1, "TDMCogVideoXLoader", {"model": "CogVideoX-2b", "dtype": "bf16"}, pos=(40, 80)),
+            Node(2, "TDMCogVideoXLoRA", {"lora_name": "tdm_cogvideox_2b_lora.safetensors", "strength_source": "recorded",
+                                         "strength": 1.0, "fuse": True}, {"pipeline": (1, 0)}, pos=(420, 80)),
+            Node(3, "TDMCogVideoXTextEncode", {"text": "A panda, dressed in a small red jacket and a tiny hat, sits on a "
+                                                      "wooden stool in a serene bamboo forest, strumming a guitar."},
+                 {"pipeline": (2, 0)}, pos=(420, 300)),
+            Node(4, "TDMCogVideoXSampler", {"seed": 0, "frames": 49, "width": 720, "height": 480, "preset": "cogvideox",
+                                            "steps": 4, "custom_timesteps": "999, 856, 665, 399", "eta": 0.0,
+                                            "cfg": 1.0},
+                 {"pipeline": (2, 0), "positive": (3, 0)}, pos=(800, 80)),
+            Node(5, "TDMCogVideoXDecode", {"tiling": True, "slicing": True}, {"pipeline": (2, 0), "samples": (4, 0)},
+                 pos=(1180, 80)),
+            Node(6, "SaveAnimatedWEBP", {"filename_prefix": "TDM/cogvideox", "fps": 8.0, "lossless": False,
+                                         "quality": 90, "method": "default"}, {"images": (5, 0)}, pos=(1560, 80)),
+            _note(7, "CogVideoX-2B as a diffusers folder in models/CogVideo/CogVideoX-2b (THUDM/CogVideoX-2b) and the "
+                     "official TDM LoRA (Luo-Yihong/TDM_CogVideoX-2B_LoRA, pytorch_lora_weights.safetensors) saved as "
+                     "models/loras/tdm_cogvideox_2b_lora.safetensors. 4 steps on the trained grid 999/856/665/399 "
+                     "(not the stock 999/749/499/249), cfg 1, 49 frames at 720x480.", (40, 320)),
+        ],
+        [{"name": "tdm_cogvideox_2b_lora.safetensors", "directory": "loras",
+          "url": "https://huggingface.co/Luo-Yihong/TDM_CogVideoX-2B_LoRA/resolve/main/pytorch_lora_weights.safetensors"}],
+    )
+    return [sdxl, pixart, sd3, sd15, export, engine, training, cogvideox]
 
 
 def _widget_values(node: Node) -> list:

@@ -204,6 +204,16 @@ class Sigmas(ComfyTypeIO):
     pass
 
 
+def Custom(io_type: str) -> type[ComfyTypeIO]:
+    """A ComfyType for a custom io_type (ComfyUI 0.3.64's io.Custom)."""
+
+    @comfytype(io_type=io_type)
+    class CustomComfyType(ComfyTypeIO):
+        ...
+
+    return CustomComfyType
+
+
 @comfytype(io_type="CLIP")
 class Clip(ComfyTypeIO):
     pass

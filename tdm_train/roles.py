@@ -38,7 +38,31 @@ def lora_config(rank: int, alpha: float, target_modules: Sequence[str], init_lor
                       init_lora_weights=init_lora_weights)
 
 
-class AdapterRoles:
+class RoleSwitch:
+    """Which of the three roles the next forward runs as. Subclasses implement :meth:`activate`;
+    :meth:`use` is the one safe way to switch for a block (see the module docstring)."""
+
+    _role: str | None = None
+
+    @property
+    def role(self) -> str | None:
+        return self._role
+
+    def activate(self, role: str) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def use(self, role: str):
+        """Run a block as ``role`` and restore the previous role afterwards (also on an exception)."""
+        previous = self._role
+        self.activate(role)
+        try:
+            yield self
+        finally:
+            self.activate(previous)
+
+
+class AdapterRoles(RoleSwitch):
     """The three roles of TDM on one base module (frozen), with LoRA adapters "student" and "fake"."""
 
     def __init__(self, model: nn.Module, student_config, fake_config=None):
@@ -60,10 +84,6 @@ class AdapterRoles:
 
         return (m for m in self.model.modules() if isinstance(m, BaseTunerLayer))
 
-    @property
-    def role(self) -> str:
-        return self._role
-
     def activate(self, role: str) -> None:
         """Make ``role`` the one the next forward runs as (its adapter trainable, the other frozen)."""
         if role not in ROLES:
@@ -81,16 +101,6 @@ class AdapterRoles:
                 if layer.disable_adapters:
                     layer.enable_adapters(True)
         self._role = role
-
-    @contextlib.contextmanager
-    def use(self, role: str):
-        """Run a block as ``role`` and restore the previous role afterwards."""
-        previous = self._role
-        self.activate(role)
-        try:
-            yield self
-        finally:
-            self.activate(previous)
 
     # -------------------------------------------------------------- parameters
     def parameters(self, adapter: str) -> list[nn.Parameter]:

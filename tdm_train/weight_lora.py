@@ -29,7 +29,6 @@ the delta is added in the wider of the two dtypes and the sum rounded once to th
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .roles import ADAPTERS, ROLES
+from .roles import ADAPTERS, ROLES, RoleSwitch
 
 LORA_MODULE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -110,7 +109,7 @@ def lora_targets(model: nn.Module, suffixes: Iterable[str]) -> dict[str, tuple[i
     return found
 
 
-class WeightLoraRoles:
+class WeightLoraRoles(RoleSwitch):
     """The three roles of TDM over one frozen base whose LoRA'd weights go through
     :class:`LoraWeightDelta` functions (one per key of ``weight_shapes``).
 
@@ -134,10 +133,6 @@ class WeightLoraRoles:
         self.activate("student")
 
     # -------------------------------------------------------------- switching
-    @property
-    def role(self) -> str | None:
-        return self._role
-
     def activate(self, role: str) -> None:
         """Make ``role`` the one the next weight computation runs as: its adapter trainable, the
         other frozen (teacher: both frozen)."""
@@ -147,16 +142,6 @@ class WeightLoraRoles:
             for p in self.parameters(adapter):
                 p.requires_grad_(adapter == role)
         self._role = role
-
-    @contextlib.contextmanager
-    def use(self, role: str):
-        """Run a block as ``role`` and restore the previous role afterwards (also on an exception)."""
-        previous = self._role
-        self.activate(role)
-        try:
-            yield self
-        finally:
-            self.activate(previous)
 
     # -------------------------------------------------------------- parameters
     @staticmethod

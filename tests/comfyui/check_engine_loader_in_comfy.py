@@ -5,8 +5,6 @@ ComfyUI's own apply_model on them gives the exported network's x0. Prints one JS
     python check_engine_loader_in_comfy.py PACK_ROOT EXPORT_DIR [EXPORT_DIR ...]
 """
 
-import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,18 +15,9 @@ import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
 import torch  # noqa: E402
+from pack_loader import load_pack  # noqa: E402
 
 import comfy.model_management  # noqa: E402
-
-
-def load_pack():
-    name = str(PACK_ROOT).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # puts the pack root on sys.path (export, tdm_train)
-    return importlib.import_module(name + ".nodes.engine_models")
 
 
 def check(engine_models, folder: Path) -> dict:
@@ -81,7 +70,7 @@ def check(engine_models, folder: Path) -> dict:
 
 
 def main() -> None:
-    engine_models = load_pack()
+    engine_models = load_pack(PACK_ROOT, "nodes.engine_models")
     print(json.dumps({str(folder): check(engine_models, folder) for folder in EXPORTS}))
 
 

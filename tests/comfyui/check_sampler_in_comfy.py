@@ -4,7 +4,6 @@ against ComfyUI's own model_sampling classes and KSAMPLER machinery. Prints one 
     python check_sampler_in_comfy.py PACK_ROOT
 """
 
-import importlib.util
 import json
 import sys
 import types
@@ -16,18 +15,9 @@ import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
 import torch  # noqa: E402
+from pack_loader import load_pack  # noqa: E402
 
 import comfy.model_sampling as ms  # noqa: E402
-
-
-def load_pack():
-    name = str(PACK_ROOT).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(PACK_ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return importlib.import_module(name + ".nodes.sampling")
 
 
 def model_sampling(kind, **settings):
@@ -41,7 +31,7 @@ def model_sampling(kind, **settings):
 
 
 def main():
-    sampling = load_pack()
+    sampling = load_pack(PACK_ROOT, "nodes.sampling")
     from tdm_train import NoiseSchedule, tdm_sample
     from tdm_train.demos.gaussian_mixture import GaussianMixture
     from tdm_train.presets import sampling_grid

@@ -1,6 +1,16 @@
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
 import torch
+from comfy_stubs import install
 
 from tdm_train.schedule import SDXL_SCHEDULER_CONFIG
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_NAME = str(ROOT).replace(".", "_x_")  # the module name ComfyUI's load_custom_node gives the pack
 
 SDXL_SCHEDULER = SDXL_SCHEDULER_CONFIG
 PIXART_SCHEDULER = {
@@ -39,3 +49,39 @@ def gaussian_x0(mean: torch.Tensor, cov: torch.Tensor, schedule):
         return m + (gain @ (x - alpha * m)[:, :, None])[:, :, 0]
 
     return x0_fn
+
+
+# ----------------------------------------------------------------------------- the pack over ComfyUI test doubles
+def _pack_modules() -> list[str]:
+    return [name for name in sys.modules if name == PACK_NAME or name.startswith(PACK_NAME + ".")]
+
+
+@pytest.fixture
+def stubs(monkeypatch):
+    """The ComfyUI doubles in sys.modules for this test only (monkeypatch removes them)."""
+    return install(monkeypatch)
+
+
+@pytest.fixture
+def pack(stubs):
+    """The pack imported as ComfyUI imports it, over the stubs. Its modules imported here (which
+    hold stub classes) are dropped afterwards and whatever was there before is put back, so later
+    tests import the pack in a clean state."""
+    saved = {name: sys.modules.pop(name) for name in _pack_modules()}
+    try:
+        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
+                                                      submodule_search_locations=[str(ROOT)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PACK_NAME] = module
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name in _pack_modules():
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def submodule(pack, name):
+    return importlib.import_module(f"{pack.__name__}.nodes{'.' + name if name else ''}")
+
+

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from export_helpers import random_student_lora, tiny_student
-from test_node_schemas import _submodule, pack, stubs  # noqa: F401  (fixtures)
+from conftest import submodule as _submodule
 
 from tdm_train.cogvideox_pipeline import CogVideoXParts, check_frames
 from tdm_train.lora_export import save_student_lora

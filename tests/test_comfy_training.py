@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from test_node_schemas import _submodule, pack, stubs  # noqa: F401  (fixtures)
+from conftest import submodule as _submodule
 
 from nodes.comfy_trainer import (  # noqa: E402
     _same_length,

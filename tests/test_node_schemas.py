@@ -5,8 +5,6 @@ does not know fails here too."""
 
 import ast
 import asyncio
-import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -15,45 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from comfy_stubs import HERE as STUBS_DIR
-from comfy_stubs import install
+from conftest import submodule as _submodule
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = str(ROOT).replace(".", "_x_")  # the module name ComfyUI's load_custom_node gives the pack
 SIGMA_MAX = 14.6146  # SDXL's sigma at t = 999
 SDXL_TDM_SIGMAS = [8.3028, 3.0098, 1.3672, 0.6299, 0.0]  # t = 899, 674, 449, 224, then 0
-
-
-def _pack_modules() -> list[str]:
-    return [name for name in sys.modules if name == PACK_NAME or name.startswith(PACK_NAME + ".")]
-
-
-@pytest.fixture
-def stubs(monkeypatch):
-    """The ComfyUI doubles in sys.modules for this test only (monkeypatch removes them)."""
-    return install(monkeypatch)
-
-
-@pytest.fixture
-def pack(stubs):
-    """The pack imported as ComfyUI imports it, over the stubs. Its modules imported here (which
-    hold stub classes) are dropped afterwards and whatever was there before is put back, so later
-    tests import the pack in a clean state."""
-    saved = {name: sys.modules.pop(name) for name in _pack_modules()}
-    try:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = module
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        for name in _pack_modules():
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
-def _submodule(pack, name):
-    return importlib.import_module(f"{pack.__name__}.nodes{'.' + name if name else ''}")
 
 
 @pytest.fixture

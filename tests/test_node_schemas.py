@@ -15,7 +15,6 @@ import torch
 from comfy_stubs import HERE as STUBS_DIR
 from conftest import submodule as _submodule
 
-ROOT = Path(__file__).resolve().parents[1]
 SIGMA_MAX = 14.6146  # SDXL's sigma at t = 999
 SDXL_TDM_SIGMAS = [8.3028, 3.0098, 1.3672, 0.6299, 0.0]  # t = 899, 674, 449, 224, then 0
 

@@ -44,6 +44,22 @@ class ExportedStudent:
                 feeds["aspect_ratio"] = torch.full((batch, 1), height / width)
         return feeds
 
+    def fit_text_length(self, cond: dict) -> dict:
+        """PixArt exports take one text length (120 by default): T5 states encoded at another
+        length are cut or zero-padded to it, with the mask (padding is masked out either way)."""
+        if self.manifest.family != "pixart":
+            return cond
+        length = self.manifest.conditioning["text_len"]
+        states, mask = cond["prompt_embeds"], cond["prompt_attention_mask"]
+        if states.shape[1] >= length:
+            if mask[:, length:].any():
+                raise ValueError(f"the prompt has {int(mask.sum(1).max())} T5 tokens; this PixArt export takes "
+                                 f"{length}: re-export with --text-len {int(mask.sum(1).max())} or more")
+            return {**cond, "prompt_embeds": states[:, :length], "prompt_attention_mask": mask[:, :length]}
+        pad = length - states.shape[1]
+        return {**cond, "prompt_embeds": torch.nn.functional.pad(states, (0, 0, 0, pad)),
+                "prompt_attention_mask": torch.nn.functional.pad(mask, (0, pad))}
+
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         output = self.runner(**self.feeds(x_t, t, cond))
         return self.schedule.x0_from_output(output, x_t, t)

@@ -342,6 +342,7 @@ def cmd_generate(args) -> int:
     cond, _ = encode_prompts(folder, manifest.family, [args.prompt])
     if manifest.family == "sdxl":
         cond = add_sdxl_time_ids(cond, shape[-1] * factor)
+    cond = student.fit_text_length(cond)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     latents = student.generate(cond, noise, eta=args.eta, generator=torch.Generator().manual_seed(args.seed + 1))
     out = Path(args.out)

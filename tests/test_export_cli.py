@@ -147,3 +147,26 @@ def test_module_entry_point_help_lists_every_subcommand():
     assert done.returncode == 0
     for command in ("onnx", "build", "refit", "validate", "bench", "generate", "inspect"):
         assert command in done.stdout
+
+
+@pytest.mark.parametrize("family,shape_flags", [
+    ("pixart", ["--height", "16:32:32", "--width", "16:32:32", "--text-len", "16"]),
+    ("cogvideox", ["--frames", "9", "--height", "16", "--width", "16"]),
+])
+def test_generate_pixart_and_cogvideox_exports(tmp_path, family, shape_flags):
+    """A PixArt export with its own text length (T5 states cut to it, mask kept) and a CogVideoX
+    export (its first frame) give images through the base folder's encoders and VAE."""
+    from PIL import Image
+
+    pipeline, lora = tiny_student(tmp_path, family)
+    out = tmp_path / "out"
+    assert main(["onnx", "--model", str(pipeline), "--lora", str(lora / "pytorch_lora_weights.safetensors"),
+                 "--out-dir", str(out), "--dtype", "fp32", *shape_flags]) == 0
+    assert main(["generate", str(out), "--prompt", "a red cat", "--out", str(tmp_path / "x.png"),
+                 "--provider", "cpu"]) == 0
+    with Image.open(tmp_path / "x.png") as image:
+        assert image.size == ((32, 32) if family == "pixart" else (16, 16))
+    if family == "pixart":  # more T5 tokens than the export takes: a clear error, not a shape crash
+        long_prompt = " ".join(["red cat"] * 12)
+        assert main(["generate", str(out), "--prompt", long_prompt, "--out", str(tmp_path / "y.png"),
+                     "--provider", "cpu"]) == EXIT_BAD_INPUT

@@ -144,7 +144,6 @@ def cmd_onnx(args) -> int:
     from .families import ExportShapes, family_spec
     from .loading import load_student, vae_scale_factor
     from .onnx_export import export_onnx
-    from .validate import TOLERANCES, Tolerance
 
     student = load_student(args.model, args.lora, args.lora_strength, args.config, args.timesteps)
     folder = Path(args.model if Path(args.model).is_dir() else args.config)
@@ -166,9 +165,7 @@ def cmd_onnx(args) -> int:
                           width=_pixels_to_latent(width, factor, "width"), text_len=text_len, frames=latent_frames)
     spec = family_spec(student.family, student.model, shapes, args.dtype)
     spec.latent["vae_scale_factor"] = factor
-    base = TOLERANCES[args.dtype]
-    tolerance = Tolerance(atol=args.atol if args.atol is not None else base.atol, rtol=base.rtol,
-                          min_cosine=args.min_cosine or base.min_cosine, max_mean_rel=base.max_mean_rel)
+    tolerance = _tolerance(args.dtype, args)
     manifest = export_onnx(spec, args.out_dir, dtype=args.dtype, shapes=shapes,
                            scheduler_config=student.scheduler_config, timesteps=student.timesteps,
                            source=student.source, opset=args.opset, exporter=args.exporter,
@@ -230,10 +227,11 @@ def _profile_overrides(manifest, args) -> dict | None:
     return overrides
 
 
-def _tolerance(manifest, args):
+def _tolerance(dtype: str, args):
+    """The dtype's tolerance with --atol / --min-cosine applied."""
     from .validate import TOLERANCES, Tolerance
 
-    base = TOLERANCES[manifest.dtype]
+    base = TOLERANCES[dtype]
     return Tolerance(atol=args.atol if args.atol is not None else base.atol, rtol=base.rtol,
                      min_cosine=args.min_cosine or base.min_cosine, max_mean_rel=base.max_mean_rel)
 
@@ -252,7 +250,7 @@ def cmd_validate(args) -> int:
     runner = open_runner(args.path, args.provider)
     reference = TorchRunner(reference_module(manifest, args.model, args.lora, args.lora_strength, args.config),
                             manifest)
-    tolerance = _tolerance(manifest, args)
+    tolerance = _tolerance(manifest.dtype, args)
     axes = manifest.export.get("dynamic_axes", {})
     failed = False
     generator = torch.Generator().manual_seed(0)

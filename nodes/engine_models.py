@@ -80,11 +80,11 @@ def comfy_scheduler_config(model_patcher) -> dict:
     if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
         raise ValueError(f"TDM Export Engine needs a discrete-time model; this one samples with "
                          f"{type(sampling).__name__}")
-    sigmas = sampling.sigmas.double().cpu()  # k-diffusion sigma = sqrt((1 - abar) / abar)
-    abar = 1 / (1 + sigmas**2)
-    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    from .comfy_trainer import schedule_of
+
+    betas = schedule_of(sampling)[0].betas
     prediction = "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
-    return {"_class_name": "DDIMScheduler", "num_train_timesteps": len(abar), "trained_betas": betas.tolist(),
+    return {"_class_name": "DDIMScheduler", "num_train_timesteps": len(betas), "trained_betas": betas.tolist(),
             "prediction_type": prediction}
 
 
@@ -197,8 +197,6 @@ def comfy_model(runner, manifest: EngineManifest, load_device, offload_device):
 def _use_recorded_schedule(model_sampling, manifest: EngineManifest) -> None:
     """The engine's own schedule (exact betas), not the family's default: a fine-tune may differ."""
     schedule = NoiseSchedule.from_diffusers_config(manifest.scheduler_config)
-    abar = schedule.alphas_cumprod.double()
-    if float(abar[-1]) <= 0:  # zero terminal SNR: ComfyUI's own rescaling keeps the last sigma finite
+    if float(schedule.alphas_cumprod[-1]) <= 0:  # zero terminal SNR: ComfyUI's own rescaling keeps the last sigma finite
         return
-    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
-    model_sampling._register_schedule(given_betas=betas)
+    model_sampling._register_schedule(given_betas=schedule.betas)

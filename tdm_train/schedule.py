@@ -190,6 +190,12 @@ class NoiseSchedule:
         (for VP schedules this is exactly alpha_t^2)."""
         return self.alphas**2 / (self.alphas**2 + self.sigmas**2)
 
+    @property
+    def betas(self) -> torch.Tensor:
+        """beta_t = 1 - abar_t / abar_{t-1} (abar_{-1} = 1): the inverse of :meth:`from_betas`."""
+        abar = self.alphas_cumprod
+        return 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+
     def __repr__(self) -> str:
         extra = f", shift={self.shift}" if self.kind == "flow" else ""
         return (

@@ -166,3 +166,8 @@ def test_conversions_compute_in_float32_for_half_precision_inputs():
     err_ours = (half.double() - exact).abs().max()
     err_fp16 = (in_fp16_math - exact).abs().max()
     assert err_ours < err_fp16
+
+
+def test_betas_invert_from_betas():
+    betas = torch.linspace(1e-4, 2e-2, 1000, dtype=torch.float64)
+    torch.testing.assert_close(NoiseSchedule.from_betas(betas).betas, betas, rtol=1e-10, atol=1e-12)

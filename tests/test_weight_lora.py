@@ -11,6 +11,8 @@ from torch.nn.utils import parametrize
 
 pytest.importorskip("diffusers")
 
+from test_trainer import tiny_conditions  # noqa: E402
+
 from tdm_train.backends import RoleFunction, SDXLBackend  # noqa: E402
 from tdm_train.tiny_models import SDXL_SCHEDULER_CONFIG, tiny_sdxl_conditioning, tiny_sdxl_unet  # noqa: E402
 from tdm_train.weight_lora import LoraWeightDelta, WeightLoraRoles, lora_targets  # noqa: E402
@@ -407,15 +409,6 @@ def test_a_standalone_delta_reads_its_roles_object():
 
 
 # ----------------------------------------------------------------------------- the trainer
-def _conditions(n=6, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        "prompt_embeds": torch.randn(n, 8, 64, generator=gen),
-        "text_embeds": torch.randn(n, 32, generator=gen),
-        "time_ids": torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]]).repeat(n, 1),
-    }
-
-
 def _trainer(output_dir, **overrides):
     pytest.importorskip("accelerate")
     from tdm_train.distill import TDMConfig
@@ -430,7 +423,7 @@ def _trainer(output_dir, **overrides):
     settings = dict(output_dir=str(output_dir), max_train_steps=4, train_batch_size=2, learning_rate=1e-3,
                     lora_rank=4, lora_alpha=4, checkpointing_steps=1, seed=0, tdm=TDMConfig(guidance_scale=2.0))
     settings.update(overrides)
-    return TDMTrainer(backend, _conditions(), TrainConfig(**settings), roles=roles)
+    return TDMTrainer(backend, tiny_conditions(), TrainConfig(**settings), roles=roles)
 
 
 def test_trainer_trains_injected_weight_roles(tmp_path):

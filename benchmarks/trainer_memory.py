@@ -26,7 +26,7 @@ from tdm_train.backends import SDXLBackend  # noqa: E402
 from tdm_train.backends.sdxl import SDXL_LORA_TARGETS  # noqa: E402
 from tdm_train.distill import TDMConfig  # noqa: E402
 from tdm_train.tiny_models import SDXL_SCHEDULER_CONFIG, tiny_sdxl_unet  # noqa: E402
-from tdm_train.trainer import TDMTrainer, TrainConfig  # noqa: E402
+from tdm_train.training.trainer import TDMTrainer, TrainConfig  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the fields that shape the network)
 SDXL_UNET = dict(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from tdm_train.lora_merge import fuse_lora
-from tdm_train.models import PIPELINE_CLASSES, pipeline_class_name
+from tdm_train.lora.merge import fuse_lora
+from tdm_train.training.teachers import PIPELINE_CLASSES, pipeline_class_name
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
 FAMILY_OF_PIPELINE = {**PIPELINE_CLASSES, "StableDiffusionPipeline": "sd15"}

@@ -9,7 +9,7 @@ module turns it into a TensorRT engine and runs that engine:
   ``engines`` in ``engine.json``;
 - :func:`refit_engine` swaps the weights of a refittable engine for those of a new ONNX of the same
   graph (another LoRA, another strength) without a rebuild;
-- :class:`TensorRTRunner` runs an engine with the :class:`~export.runtime.Runner` interface:
+- :class:`TensorRTRunner` runs an engine with the :class:`~export.runner.Runner` interface:
   named torch tensors in, one float32 tensor out.
 
 One code path serves TensorRT 10.x and 11.x. The network is strongly typed (the default, and the
@@ -38,7 +38,7 @@ from tdm_train.atomic import atomic_path
 
 from .deps import require_tensorrt
 from .manifest import EngineManifest, TensorSpec, load_manifest
-from .runtime import Runner, ShapeOutsideProfile
+from .runner import Runner, ShapeOutsideProfile
 
 logger = logging.getLogger(__name__)
 

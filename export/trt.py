@@ -319,7 +319,7 @@ def cmd_bench(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from tdm_train.models import add_sdxl_time_ids, encode_prompts
+    from tdm_train.training.teachers import add_sdxl_time_ids, encode_prompts
 
     from .generate import ExportedStudent, decode_latents
     from .manifest import load_manifest

@@ -1,7 +1,7 @@
 """CogVideoX-2B in ComfyUI with TDM: load a diffusers folder from models/CogVideo, apply TDM LoRAs,
 encode prompts with T5, sample 4 steps on the trained grid 999/856/665/399, decode to frames that
 ComfyUI's own image/video nodes save. ComfyUI 0.3.x has no CogVideoX model; these nodes are
-backed by diffusers through tdm_train.cogvideox_pipeline, with ComfyUI's memory management
+backed by diffusers through tdm_train.pipelines.cogvideox, with ComfyUI's memory management
 (each part is a ModelPatcher that ComfyUI loads and offloads)."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class _Held(torch.nn.Module):
 class ComfyCogVideoX:
     """The pipeline parts and the patchers ComfyUI moves them with."""
 
-    parts: object  # tdm_train.cogvideox_pipeline.CogVideoXParts
+    parts: object  # tdm_train.pipelines.cogvideox.CogVideoXParts
     patchers: dict
 
     def load(self, *names: str) -> torch.device:
@@ -80,7 +80,7 @@ class TDMCogVideoXLoader(io.ComfyNode):
     def execute(cls, model, dtype) -> io.NodeOutput:
         import comfy.model_management
         import comfy.model_patcher
-        from tdm_train.cogvideox_pipeline import CogVideoXParts, model_name
+        from tdm_train.pipelines.cogvideox import CogVideoXParts, model_name
 
         register_folder()
         folder = _folder_path(model)

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from pathlib import Path
 
 import torch
 
 from tdm_train.backends.base import Backend, Condition
 from tdm_train.schedule import NoiseSchedule
-from tdm_train.trainer import TDMTrainer
+from tdm_train.lora.weight_wrappers import WeightLoraRoles, lora_targets
+from tdm_train.training.trainer import SingleProcess, TDMTrainer, TrainingStopped
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PIXART_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")
@@ -216,7 +218,7 @@ class ComfyTDMTrainer(TDMTrainer):
 
     def export_lora(self) -> tuple[Path, ...]:
         from tdm_train import atomic
-        from tdm_train.lora_export import lora_metadata, save_student_lora
+        from tdm_train.lora.export import lora_metadata, save_student_lora
 
         cfg = self.config
         state = self.student_state()
@@ -236,3 +238,70 @@ class ComfyTDMTrainer(TDMTrainer):
             written += list(save_student_lora(self.output_dir / "diffusers", self.family, peft, cfg.lora_rank,
                                               cfg.lora_alpha, targets, self.objective.timesteps, self.step))
         return tuple(written)
+
+
+def train_in_comfyui(model, clip, prompts, negative_prompt, width, height, config, dtype, gradient_checkpointing,
+                     lora_path):
+    """The training run: returns (MODEL with the student LoRA, its native state dict, history)."""
+    import comfy.lora
+    import comfy.model_management
+    import comfy.utils
+    import latent_preview
+
+    family = training_family(model)
+    with torch.inference_mode(False):
+        patcher = model.clone()
+        patcher.set_model_compute_dtype(dtype)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        device = patcher.load_device
+        channels = patcher.model.latent_format.latent_channels
+        probe = torch.zeros(1, channels, height // 8, width // 8, device=device)
+        bank, negative = bank_same_length(encode_conditions(patcher, clip, prompts, probe),
+                                          encode_conditions(patcher, clip, [negative_prompt], probe))
+        diffusion_model = patcher.model.diffusion_model
+        diffusion_model.requires_grad_(False)
+        backend = ComfyBackend(patcher, family, negative, (channels, height // 8, width // 8))
+        targets = config.lora_target_modules or backend.default_lora_targets
+        shapes = lora_targets(diffusion_model, targets)
+        if not shapes:
+            raise ValueError(f"TDM Train LoRA: no {targets} layers in this {family} model")
+        roles = WeightLoraRoles(shapes, config.lora_rank, config.lora_alpha, device=device,
+                                generator=torch.Generator().manual_seed(config.seed))
+        for name, wrapper in roles.wrappers.items():
+            patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", wrapper)
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # puts the wrappers in place
+        without_inference_tensors(diffusion_model)
+
+        trainer = ComfyTDMTrainer(backend, bank, config, accelerator=SingleProcess(device), roles=roles)
+        trainer.lora_path, trainer.family = lora_path, family
+        trainer.unet_config = patcher.model.model_config.unet_config if family != "pixart" else None
+        progress = comfy.utils.ProgressBar(config.max_train_steps)
+        previewer = latent_preview.get_previewer(device, patcher.model.latent_format)
+
+        def on_step(run):
+            preview = None
+            if previewer is not None and run.last_samples is not None:
+                preview = previewer.decode_latent_to_preview_image("JPEG", run.last_samples[:1].detach())
+            progress.update_absolute(run.step, config.max_train_steps, preview)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        diffusion_model.train()
+        try:
+            with checkpointed_blocks(diffusion_model, gradient_checkpointing):
+                trainer.train(progress=True, on_step=on_step)
+        except comfy.model_management.InterruptProcessingException:
+            trainer.save_checkpoint()  # the Cancel button: a resumable state first, then stop
+            logging.info("TDM Train LoRA: interrupted at step %d; checkpoint in %s (turn resume on to continue)",
+                         trainer.step, config.output_dir)
+            raise
+        except TrainingStopped as error:
+            raise ValueError(f"TDM Train LoRA: {error}") from error
+        finally:
+            diffusion_model.eval()
+            patcher.weight_wrapper_patches.clear()
+            comfy.model_management.unload_all_models()  # takes the training wrappers out of the weights
+        state = native_lora(trainer.student_state(), config.lora_alpha)
+        patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
+        student = model.clone()
+        student.add_patches(patches, 1.0)
+    return student, state, trainer.history

@@ -11,7 +11,7 @@ import comfy.lora
 import comfy.lora_convert
 import comfy.utils
 import folder_paths
-from tdm_train.lora_metadata import describe_unmatched, recommend
+from tdm_train.lora.metadata import describe_unmatched, recommend
 
 from .sampling import CATEGORY
 

@@ -11,8 +11,10 @@ from comfy_api.latest import io, ui
 
 import folder_paths
 from tdm_train.distill import TDMConfig
-from tdm_train.prompts import read_prompts
+from tdm_train.training.prompts import read_prompts
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
+
+from .comfy_trainer import train_in_comfyui
 
 CATEGORY = "training/TDM"
 NO_FILE = "(none)"
@@ -163,7 +165,7 @@ class TDMTrainLoRA(io.ComfyNode):
                 generator_learning_rate, fake_learning_rate, lora_rank, lora_alpha, grid, num_steps,
                 custom_timesteps, training_cfg, loss, tau_mode, unify_steps, seed, gradient_checkpointing,
                 training_dtype, lora_name, resume, checkpoint_every) -> io.NodeOutput:
-        from tdm_train.trainer import TrainConfig
+        from tdm_train.training.trainer import TrainConfig
 
         texts = collect_prompts(prompts, prompts_file)
         lora_path = lora_output_path(lora_name)
@@ -188,78 +190,6 @@ class TDMTrainLoRA(io.ComfyNode):
                    f"non-finite steps skipped: {sum(1 for h in history if h.get('skipped_nonfinite'))}")
         logging.info("TDM Train LoRA: %s", summary)
         return io.NodeOutput(student, lora_state, loss_curve(history), str(lora_path), ui=ui.PreviewText(summary))
-
-
-def train_in_comfyui(model, clip, prompts, negative_prompt, width, height, config, dtype, gradient_checkpointing,
-                     lora_path):
-    """The training run: returns (MODEL with the student LoRA, its native state dict, history)."""
-    import comfy.lora
-    import comfy.model_management
-    import comfy.utils
-    import latent_preview
-    from tdm_train.trainer import SingleProcess, TrainingStopped
-    from tdm_train.weight_lora import WeightLoraRoles, lora_targets
-
-    from .comfy_trainer import (ComfyBackend, ComfyTDMTrainer, bank_same_length, checkpointed_blocks,
-                                encode_conditions, native_lora, training_family, without_inference_tensors)
-
-    family = training_family(model)
-    with torch.inference_mode(False):
-        patcher = model.clone()
-        patcher.set_model_compute_dtype(dtype)
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-        device = patcher.load_device
-        channels = patcher.model.latent_format.latent_channels
-        probe = torch.zeros(1, channels, height // 8, width // 8, device=device)
-        bank, negative = bank_same_length(encode_conditions(patcher, clip, prompts, probe),
-                                          encode_conditions(patcher, clip, [negative_prompt], probe))
-        diffusion_model = patcher.model.diffusion_model
-        diffusion_model.requires_grad_(False)
-        backend = ComfyBackend(patcher, family, negative, (channels, height // 8, width // 8))
-        targets = config.lora_target_modules or backend.default_lora_targets
-        shapes = lora_targets(diffusion_model, targets)
-        if not shapes:
-            raise ValueError(f"TDM Train LoRA: no {targets} layers in this {family} model")
-        roles = WeightLoraRoles(shapes, config.lora_rank, config.lora_alpha, device=device,
-                                generator=torch.Generator().manual_seed(config.seed))
-        for name, wrapper in roles.wrappers.items():
-            patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", wrapper)
-        comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # puts the wrappers in place
-        without_inference_tensors(diffusion_model)
-
-        trainer = ComfyTDMTrainer(backend, bank, config, accelerator=SingleProcess(device), roles=roles)
-        trainer.lora_path, trainer.family = lora_path, family
-        trainer.unet_config = patcher.model.model_config.unet_config if family != "pixart" else None
-        progress = comfy.utils.ProgressBar(config.max_train_steps)
-        previewer = latent_preview.get_previewer(device, patcher.model.latent_format)
-
-        def on_step(run):
-            preview = None
-            if previewer is not None and run.last_samples is not None:
-                preview = previewer.decode_latent_to_preview_image("JPEG", run.last_samples[:1].detach())
-            progress.update_absolute(run.step, config.max_train_steps, preview)
-            comfy.model_management.throw_exception_if_processing_interrupted()
-
-        diffusion_model.train()
-        try:
-            with checkpointed_blocks(diffusion_model, gradient_checkpointing):
-                trainer.train(progress=True, on_step=on_step)
-        except comfy.model_management.InterruptProcessingException:
-            trainer.save_checkpoint()  # the Cancel button: a resumable state first, then stop
-            logging.info("TDM Train LoRA: interrupted at step %d; checkpoint in %s (turn resume on to continue)",
-                         trainer.step, config.output_dir)
-            raise
-        except TrainingStopped as error:
-            raise ValueError(f"TDM Train LoRA: {error}") from error
-        finally:
-            diffusion_model.eval()
-            patcher.weight_wrapper_patches.clear()
-            comfy.model_management.unload_all_models()  # takes the training wrappers out of the weights
-        state = native_lora(trainer.student_state(), config.lora_alpha)
-        patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
-        student = model.clone()
-        student.add_patches(patches, 1.0)
-    return student, state, trainer.history
 
 
 NODES = [TDMTrainLoRA]

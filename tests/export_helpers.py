@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tdm_train.lora_export import save_student_lora
+from tdm_train.lora.export import save_student_lora
 from tdm_train.tiny_models import save_tiny_pipeline
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

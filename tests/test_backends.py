@@ -12,14 +12,14 @@ from safetensors.torch import load_file  # noqa: E402
 from tdm_train import NoiseSchedule  # noqa: E402
 from tdm_train.backends import CogVideoXBackend, PixArtBackend  # noqa: E402
 from tdm_train.distill import TDMConfig  # noqa: E402
-from tdm_train.roles import lora_config  # noqa: E402
+from tdm_train.training.roles import lora_config  # noqa: E402
 from tdm_train.tiny_models import (  # noqa: E402
     COGVIDEOX_2B_SCHEDULER_CONFIG,
     PIXART_SCHEDULER_CONFIG,
     tiny_cogvideox_transformer,
     tiny_pixart_transformer,
 )
-from tdm_train.trainer import TDMTrainer, TrainConfig  # noqa: E402
+from tdm_train.training.trainer import TDMTrainer, TrainConfig  # noqa: E402
 
 
 def _pixart(sample_size=8):

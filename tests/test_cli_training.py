@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from tdm_train.cli import parse_args  # noqa: E402
-from tdm_train.prompts import read_prompts  # noqa: E402
+from tdm_train.training.prompts import read_prompts  # noqa: E402
 from tdm_train.tiny_models import save_tiny_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

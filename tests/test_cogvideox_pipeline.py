@@ -9,8 +9,8 @@ import torch
 from export_helpers import random_student_lora, tiny_student
 from conftest import submodule as _submodule
 
-from tdm_train.cogvideox_pipeline import CogVideoXParts, check_frames
-from tdm_train.lora_export import save_student_lora
+from tdm_train.pipelines.cogvideox import CogVideoXParts, check_frames
+from tdm_train.lora.export import save_student_lora
 
 SIZE = dict(frames=9, height=16, width=16)
 

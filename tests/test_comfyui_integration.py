@@ -230,7 +230,7 @@ def test_sdxl_student_lora_names_all_load_in_comfyuis_lora_loader():
     from trainer_memory import SDXL_UNET, WIDE_TARGETS
 
     from tdm_train.backends.sdxl import SDXL_LORA_TARGETS
-    from tdm_train.lora_export import kohya_state_dict
+    from tdm_train.lora.export import kohya_state_dict
 
     run = subprocess.run([COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "lora_key_map.py")], cwd=COMFYUI_DIR,
                          env={**os.environ, "PYTHONPATH": COMFYUI_DIR}, capture_output=True, text=True, timeout=300)
@@ -496,14 +496,14 @@ def _cogvideox_prompt(model: str, lora: str, frames: int = 9) -> dict:
 
 def test_cogvideox_workflow_samples_the_trained_grid_and_saves_frames(comfy, tmp_path):
     """The shipped CogVideoX workflow on a tiny CogVideoX folder with a LoRA made by our trainer's
-    exporter: 4 steps on 999/856/665/399, the same latents as tdm_train.cogvideox_pipeline computes
+    exporter: 4 steps on 999/856/665/399, the same latents as tdm_train.pipelines.cogvideox computes
     outside ComfyUI, 9 decoded frames in an animated WEBP; and the clear errors."""
     import shutil
 
     from export_helpers import tiny_student
     from PIL import Image
 
-    from tdm_train.cogvideox_pipeline import CogVideoXParts
+    from tdm_train.pipelines.cogvideox import CogVideoXParts
 
     url, base, _ = comfy
     pipeline, lora = tiny_student(tmp_path, "cogvideox")

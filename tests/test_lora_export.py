@@ -12,8 +12,8 @@ diffusers = pytest.importorskip("diffusers")
 from safetensors import safe_open  # noqa: E402
 from test_trainer import make_trainer  # noqa: E402
 
-from tdm_train.lora_export import COMFYUI_FILE, DIFFUSERS_FILE, kohya_state_dict, save_student_lora  # noqa: E402
-from tdm_train.lora_metadata import recommend  # noqa: E402
+from tdm_train.lora.export import COMFYUI_FILE, DIFFUSERS_FILE, kohya_state_dict, save_student_lora  # noqa: E402
+from tdm_train.lora.metadata import recommend  # noqa: E402
 from tdm_train.tiny_models import tiny_sdxl_unet  # noqa: E402
 
 

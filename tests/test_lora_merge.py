@@ -1,4 +1,4 @@
-"""Fusing a LoRA file into a diffusers model's weights (``tdm_train.lora_merge``) gives what
+"""Fusing a LoRA file into a diffusers model's weights (``tdm_train.lora.merge``) gives what
 diffusers / peft compute with the adapter loaded, in every file format the exporter writes, at
 the recorded or given strength, and refuses files that do not fit without touching the model."""
 
@@ -16,10 +16,10 @@ from export_helpers import ALPHA, RANK, TARGETS, TIMESTEPS, random_student_lora 
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tdm_train.lora_export import save_student_lora  # noqa: E402
-from tdm_train.lora_merge import fuse_lora, read_lora  # noqa: E402
-from tdm_train.lora_metadata import STRENGTH_KEY  # noqa: E402
-from tdm_train.roles import lora_config  # noqa: E402
+from tdm_train.lora.export import save_student_lora  # noqa: E402
+from tdm_train.lora.merge import fuse_lora, read_lora  # noqa: E402
+from tdm_train.lora.metadata import STRENGTH_KEY  # noqa: E402
+from tdm_train.training.roles import lora_config  # noqa: E402
 from tdm_train.tiny_models import (  # noqa: E402
     tiny_cogvideox_transformer,
     tiny_pixart_transformer,

@@ -9,7 +9,7 @@ import torch
 from test_package import _import_pack_like_comfyui
 
 from tdm_train import NoiseSchedule, tdm_timesteps
-from tdm_train.lora_metadata import describe_unmatched, recommend
+from tdm_train.lora.metadata import describe_unmatched, recommend
 from tdm_train.presets import SamplingGrid, flow_sigmas, parse_timestep_list, sampling_grid
 
 

@@ -10,7 +10,7 @@ pytest.importorskip("diffusers")
 from peft.functional import set_adapter  # noqa: E402
 
 from tdm_train.backends import RoleFunction, SDXLBackend  # noqa: E402
-from tdm_train.roles import AdapterRoles, lora_config  # noqa: E402
+from tdm_train.training.roles import AdapterRoles, lora_config  # noqa: E402
 from tdm_train.tiny_models import SDXL_SCHEDULER_CONFIG, tiny_sdxl_conditioning, tiny_sdxl_unet  # noqa: E402
 
 

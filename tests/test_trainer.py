@@ -9,11 +9,11 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-from tdm_train import checkpoint as ckpt  # noqa: E402
+from tdm_train.training import checkpoint as ckpt  # noqa: E402
 from tdm_train.backends import SDXLBackend  # noqa: E402
 from tdm_train.distill import TDMConfig  # noqa: E402
 from tdm_train.tiny_models import SDXL_SCHEDULER_CONFIG, tiny_sdxl_unet  # noqa: E402
-from tdm_train.trainer import TDMTrainer, TrainConfig, TrainingStopped  # noqa: E402
+from tdm_train.training.trainer import TDMTrainer, TrainConfig, TrainingStopped  # noqa: E402
 
 
 def tiny_conditions(n=6, seed=0):

@@ -15,7 +15,7 @@ from test_trainer import tiny_conditions  # noqa: E402
 
 from tdm_train.backends import RoleFunction, SDXLBackend  # noqa: E402
 from tdm_train.tiny_models import SDXL_SCHEDULER_CONFIG, tiny_sdxl_conditioning, tiny_sdxl_unet  # noqa: E402
-from tdm_train.weight_lora import LoraWeightDelta, WeightLoraRoles, lora_targets  # noqa: E402
+from tdm_train.lora.weight_wrappers import LoraWeightDelta, WeightLoraRoles, lora_targets  # noqa: E402
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK, ALPHA = 4, 8.0  # scale 2: a wrong alpha / rank shows
@@ -248,7 +248,7 @@ def test_matches_peft_lora_outputs_and_gradients():
     pytest.importorskip("peft")
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tdm_train.roles import AdapterRoles, lora_config
+    from tdm_train.training.roles import AdapterRoles, lora_config
 
     peft_unet = tiny_sdxl_unet()
     peft_roles = AdapterRoles(peft_unet, lora_config(RANK, ALPHA, TARGETS))
@@ -412,7 +412,7 @@ def test_a_standalone_delta_reads_its_roles_object():
 def _trainer(output_dir, **overrides):
     pytest.importorskip("accelerate")
     from tdm_train.distill import TDMConfig
-    from tdm_train.trainer import TDMTrainer, TrainConfig
+    from tdm_train.training.trainer import TDMTrainer, TrainConfig
 
     torch.manual_seed(0)
     unet = tiny_sdxl_unet()

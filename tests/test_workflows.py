@@ -107,6 +107,6 @@ def test_sd3_workflow_carries_the_official_lora_settings():
     loader = next(n for n in api.values() if n["class_type"] == "TDMLoraLoader")["inputs"]
     assert sampler["preset"] == "flow_shifted" and sampler["shift"] == 6.0 and sampler["cfg"] == 1.0
     assert loader["strength_source"] == "recorded"
-    from tdm_train.lora_metadata import recommend
+    from tdm_train.lora.metadata import recommend
 
     assert recommend({}, loader["lora_name"]).strength == 0.125

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..roles import AdapterRoles
 from ..schedule import NoiseSchedule
+
+if TYPE_CHECKING:  # a backend never imports the training loop
+    from ..training.roles import AdapterRoles
 
 Condition = dict[str, torch.Tensor]
 

@@ -14,7 +14,7 @@ from test_trainer import tiny_conditions  # noqa: E402
 from tdm_train.backends import SDXLBackend  # noqa: E402
 from tdm_train.distill import TDMConfig  # noqa: E402
 from tdm_train.tiny_models import SDXL_SCHEDULER_CONFIG, tiny_sdxl_unet  # noqa: E402
-from tdm_train.trainer import TDMTrainer, TrainConfig  # noqa: E402
+from tdm_train.training.trainer import TDMTrainer, TrainConfig  # noqa: E402
 
 
 def main(out: Path) -> None:

@@ -23,7 +23,7 @@ from ...distill import TDMConfig
 from ...objectives import cfg_x0
 from ...sampler import tdm_sample
 from ...timesteps import tdm_timesteps
-from ...trainer import TDMTrainer, TrainConfig
+from ...training.trainer import TDMTrainer, TrainConfig
 from .classifier import load_classifier
 from .data import NULL_CLASS, NUM_CLASSES, load_digits_tensors
 from .metrics import digits_quality

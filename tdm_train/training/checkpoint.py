@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
+from .. import atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 

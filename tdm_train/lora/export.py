@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .lora_metadata import SETTINGS_KEY, STRENGTH_KEY
+from .. import atomic
+from .metadata import SETTINGS_KEY, STRENGTH_KEY
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "tdm_lora_comfyui.safetensors"

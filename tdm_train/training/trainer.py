@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .backends.base import Backend, Condition, RoleFunction
-from .distill import TDMConfig, TDMObjective
+from ..backends.base import Backend, Condition, RoleFunction
+from ..distill import TDMConfig, TDMObjective
 from .roles import AdapterRoles, lora_config
 
 logger = logging.getLogger("tdm_train")
@@ -150,7 +150,7 @@ class TDMTrainer:
         self.objective = TDMObjective(backend.schedule, config.tdm)
         self.step_embedding = None
         if config.tdm.unify_steps:
-            from .step_condition import attach
+            from ..step_condition import attach
 
             torch.manual_seed(config.seed)  # zero-initialised anyway; the seed keeps processes identical
             self.step_embedding = attach(model, getattr(backend, "time_embedding_module", backend.name), self.roles,
@@ -375,7 +375,7 @@ class TDMTrainer:
 
     def export_lora(self) -> tuple[Path, Path]:
         """The final student LoRA: diffusers file, ComfyUI file, model card (lora_export.py)."""
-        from .lora_export import save_student_lora
+        from ..lora.export import save_student_lora
 
         cfg = self.config
         targets = cfg.lora_target_modules or self.backend.default_lora_targets

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .models import add_sdxl_time_ids, build_backend, cached_prompt_conditions, detect_backbone
+from .teachers import add_sdxl_time_ids, build_backend, cached_prompt_conditions, detect_backbone
+from .arguments import tdm_config
 from .prompts import read_prompts
 from .trainer import TDMTrainer, TrainConfig
 
@@ -18,8 +19,6 @@ logger = logging.getLogger("tdm_train")
 
 def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
     """Validate everything without loading a model: (backbone, prompts, training config)."""
-    from .cli import tdm_config
-
     folder = Path(args.pretrained_teacher_model)
     backbone = detect_backbone(folder) if args.backbone == "auto" else args.backbone
     if args.backbone != "auto" and not folder.is_dir():

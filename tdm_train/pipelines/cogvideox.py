@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .lora_merge import LoraMatch, describe_unmatched, match_lora, resolve_strength
-from .timesteps import COGVIDEOX_TIMESTEPS
+from ..lora.merge import LoraMatch, describe_unmatched, match_lora, resolve_strength
+from ..timesteps import COGVIDEOX_TIMESTEPS
 
 PIPELINE_CLASS = "CogVideoXPipeline"
 INNER_DIM_OF = {1920: "CogVideoX-2B", 3072: "CogVideoX-5B"}
@@ -168,8 +168,8 @@ class CogVideoXParts:
                device=None) -> torch.Tensor:
         """Latents [B, F, C, h, w] from pure noise on the TDM grid. ``callback(step, x0)`` after
         each step (progress, previews, interrupt)."""
-        from .backends.cogvideox import CogVideoXBackend
-        from .sampler import tdm_sample
+        from ..backends.cogvideox import CogVideoXBackend
+        from ..sampler import tdm_sample
 
         check_frames(frames)
         if height % 16 or width % 16:

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from .images import decode_to_images
-from .sampler import tdm_sample
-from .timesteps import tdm_timesteps
+from ..sampler import tdm_sample
+from ..timesteps import tdm_timesteps
 
 
 class Validator:

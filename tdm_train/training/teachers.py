@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from . import atomic
-from .backends import CogVideoXBackend, PixArtBackend, SDXLBackend
-from .backends.base import Backend, Condition
+from .. import atomic
+from ..backends import CogVideoXBackend, PixArtBackend, SDXLBackend
+from ..backends.base import Backend, Condition
 
 PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline": "sdxl",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .lora_metadata import describe_unmatched, recommend
+from .metadata import describe_unmatched, recommend
 
 COMPONENT_PREFIXES = ("unet.", "transformer.", "base_model.model.", "diffusion_model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_")

@@ -7,7 +7,7 @@ registered function right before their matmul. ComfyUI's UNet is not a diffusers
 cannot be injected into it, but any module that maps a weight to a weight can be registered.
 This module does not import comfy: :class:`LoraWeightDelta` is that function (one per weight),
 and :class:`WeightLoraRoles` is the role switch over all of them, with the same interface as
-:class:`~tdm_train.roles.AdapterRoles`, so ``TDMTrainer(..., roles=WeightLoraRoles(...))`` trains
+:class:`~tdm_train.training.roles.AdapterRoles`, so ``TDMTrainer(..., roles=WeightLoraRoles(...))`` trains
 it unchanged. For plain torch models (tests, any ``nn.Module``) :meth:`WeightLoraRoles.attach`
 registers the same functions as ``torch.nn.utils.parametrize`` parametrizations, which is the
 same mechanism: ``module.weight`` is recomputed through the function on every access.
@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .roles import ADAPTERS, ROLES, RoleSwitch
+from ..training.roles import ADAPTERS, ROLES, RoleSwitch
 
 LORA_MODULE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -113,7 +113,7 @@ class WeightLoraRoles(RoleSwitch):
     """The three roles of TDM over one frozen base whose LoRA'd weights go through
     :class:`LoraWeightDelta` functions (one per key of ``weight_shapes``).
 
-    The same interface as :class:`~tdm_train.roles.AdapterRoles`: ``role``, ``activate``,
+    The same interface as :class:`~tdm_train.training.roles.AdapterRoles`: ``role``, ``activate``,
     ``use``, ``parameters``, ``state_dict``, ``load_state_dict``, ``cast_adapters``. It starts in
     the student role. The wrappers are hosted by the caller: ComfyUI registers
     ``roles.wrappers[name]`` with ``ModelPatcher.add_weight_wrapper``; a plain torch model gets

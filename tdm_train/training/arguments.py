@@ -1,0 +1,176 @@
+"""The flags of `python -m tdm_train` (diffusers flag names) and config files whose keys are the
+flag names (TOML/YAML/JSON; flags win), turned into a parsed namespace and a TDMConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..distill import TDMConfig
+
+
+def _csv(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(float(item)) for item in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tdm_train",
+        description="TDM (Trajectory Distribution Matching) few-step distillation. With no arguments: the "
+                    "embedded digits demo (a real teacher trained on scikit-learn's digits, distilled on the CPU). "
+                    "With --pretrained_teacher_model: distil a diffusers "
+                    "SDXL, PixArt-alpha or CogVideoX-2B pipeline folder into a K-step student LoRA, data-free.",
+    )
+    common = parser.add_argument_group("common")
+    common.add_argument("--output_dir", "--output-dir", default=None,
+                        help="where results go (defaults: outputs/digits, outputs/gmm_demo, outputs/tdm)")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--num_steps", "--num-steps", type=int, default=4, help="student steps K (default 4)")
+    common.add_argument("--total_steps", "--total-steps", type=int, default=900,
+                        help="span T_s of the uniform grid t_k = k*T_s//K - 1 (default 900: 899/674/449/224)")
+    common.add_argument("--tau_mode", "--tau-mode", choices=("separate", "tail"), default="separate",
+                        help="separate: tau in the step's own interval (default); tail: up to T_s")
+    common.add_argument("--mid_point", "--mid-point", choices=("grid", "demo"), default="grid",
+                        help="level the step lands on: the next grid point (default) or the demo's t_k - (T_s/K - 1)")
+    common.add_argument("--loss", "--generator-loss", dest="loss", choices=("mse", "huber_elementwise", "pseudo_huber"),
+                        default="mse", help="generator loss (default mse; demo huber_elementwise; paper pseudo_huber)")
+    common.add_argument("--no_importance_weight", "--no-importance-weight", action="store_true",
+                        help="drop the demo's importance weight on the fake-score loss")
+
+    demo = parser.add_argument_group("the embedded demos (no --pretrained_teacher_model)")
+    demo.add_argument("--demo", choices=("digits", "gmm"), default="digits",
+                      help="digits (default): the digits teacher, TDM and TDM-unify students, FID table; gmm: the "
+                           "2-D Gaussian-mixture toy with an exact teacher")
+    demo.add_argument("--iterations", type=int, default=None, help="TDM iterations (digits default 250, gmm 500)")
+    demo.add_argument("--prefit-iterations", "--prefit_iterations", dest="prefit_iterations", type=int, default=3000,
+                      help="iterations fitting the network to the teacher first (default 3000)")
+    demo.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                      help="(digits default 64, gmm 512)")
+    demo.add_argument("--eval-samples", "--eval_samples", dest="eval_samples", type=int, default=None,
+                      help="samples scored per row (digits default 2000, gmm 4000)")
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    train = parser.add_argument_group("training a real teacher")
+    train.add_argument("--config", default=None, help="TOML, YAML or JSON file of flag names -> values; flags override it")
+    train.add_argument("--pretrained_teacher_model", default=None, help="diffusers pipeline folder of the teacher")
+    train.add_argument("--backbone", choices=("auto", "sdxl", "pixart", "cogvideox"), default="auto",
+                       help="override the backbone detected from model_index.json")
+    train.add_argument("--prompts", default=None, help=".txt (one per line), .jsonl (text field) or .csv file")
+    train.add_argument("--prompt_column", default=None, help="field / column of .jsonl / .csv prompts (default text, "
+                                                             "prompt or caption)")
+    train.add_argument("--train_batch_size", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=500)
+    train.add_argument("--learning_rate", type=float, default=2e-5, help="fake-score learning rate (default 2e-5)")
+    train.add_argument("--generator_lr_ratio", type=float, default=0.2,
+                       help="student lr = learning_rate * this (default 0.2, the demo's lr/5)")
+    train.add_argument("--adam_beta1", type=float, default=0.0)
+    train.add_argument("--adam_beta2", type=float, default=0.95, help="(demo 0.95; the paper reports 0.999)")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="student gradient clipping")
+    train.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name for the student")
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+                       help="dtype of the frozen base; LoRA weights and optimizer states stay fp32")
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--lora_rank", type=int, default=32, help="default 32 (the authors' TDM-R1 LoRA)")
+    train.add_argument("--lora_alpha", type=float, default=64.0, help="default 64 (scale alpha/rank = 2, as TDM-R1)")
+    train.add_argument("--lora_target_modules", type=_csv, default=None,
+                       help="comma list (default: attention to_q,to_k,to_v,to_out.0)")
+    train.add_argument("--resolution", type=int, default=1024, help="image side in pixels (SDXL, PixArt)")
+    train.add_argument("--height", type=int, default=480, help="video height (CogVideoX)")
+    train.add_argument("--width", type=int, default=720, help="video width (CogVideoX)")
+    train.add_argument("--frames", type=int, default=49, help="video frames (CogVideoX)")
+    train.add_argument("--checkpointing_steps", type=int, default=500)
+    train.add_argument("--checkpoints_total_limit", type=int, default=None)
+    train.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or latest")
+    train.add_argument("--validation_steps", type=int, default=None,
+                       help="every N steps: student samples next to the teacher's (PNG, tensorboard)")
+    train.add_argument("--num_validation_prompts", type=int, default=2)
+    train.add_argument("--validation_teacher_steps", type=int, default=25)
+    train.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
+    train.add_argument("--student_timesteps", type=_int_list, default=None,
+                       help="explicit grid, noisiest first (e.g. 999,856,665,399); overrides --num_steps/--total_steps")
+    train.add_argument("--real_guidance_scale", type=float, default=1.0,
+                       help="CFG folded into the teacher (demo 4.5; paper PixArt 3.5, SDXL 8)")
+    train.add_argument("--huber_c", type=float, default=1e-3)
+    train.add_argument("--fake_updates_per_generator", type=int, default=1, help="TTUR ratio")
+    train.add_argument("--unify_steps", type=_int_list, default=None,
+                       help="sampling-steps-aware training: K drawn per sample from this set (e.g. 1,2,4), each on "
+                            "its uniform grid; the fake score is conditioned on K, the student stays one LoRA")
+    train.add_argument("--max_nonfinite_in_a_row", type=int, default=5)
+    return parser
+
+
+def _read_config(path: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"--config {path}: expected .toml, .yaml/.yml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a table of flag names")
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        explicit = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+        for action in parser._actions:  # the same flags, with no defaults: what the user typed
+            if action.option_strings and action.dest != "help":
+                kwargs = {"dest": action.dest}
+                if action.nargs == 0:
+                    kwargs["action"] = "store_const"
+                    kwargs["const"] = action.const
+                else:
+                    kwargs["type"] = action.type
+                explicit.add_argument(*action.option_strings, **kwargs)
+        given = vars(explicit.parse_known_args(argv)[0])
+        known = {a.dest for a in parser._actions}
+        for key, value in _read_config(args.config).items():
+            key = key.replace("-", "_")
+            if key not in known:
+                raise ValueError(f"--config {args.config}: unknown setting {key!r} (use the flag names of --help)")
+            if key not in given:
+                action = next(a for a in parser._actions if a.dest == key)
+                if isinstance(value, str) and action.type is not None:
+                    value = action.type(value)
+                setattr(args, key, value)
+    return args
+
+
+def tdm_config(args: argparse.Namespace) -> TDMConfig:
+    return TDMConfig(
+        num_steps=args.num_steps,
+        total_steps=args.total_steps,
+        timesteps=tuple(args.student_timesteps) if getattr(args, "student_timesteps", None) else None,
+        tau_mode=args.tau_mode,
+        mid_point=args.mid_point,
+        guidance_scale=getattr(args, "real_guidance_scale", 1.0),
+        generator_loss=args.loss,
+        huber_c=getattr(args, "huber_c", 1e-3),
+        importance_weighting=not args.no_importance_weight,
+        unify_steps=tuple(args.unify_steps) if getattr(args, "unify_steps", None) else None,
+    )

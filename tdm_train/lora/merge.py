@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .metadata import describe_unmatched, recommend
+from .step_embedding import KEY_PREFIX as STEP_CONDITION_PREFIX
 
 COMPONENT_PREFIXES = ("unet.", "transformer.", "base_model.model.", "diffusion_model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_", "lora_te_")
@@ -61,6 +62,8 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraLayer], dict[str, str]]:
     peft_config = _adapter_config(metadata)
     layers: dict[str, dict] = {}
     for key, value in tensors.items():
+        if key.startswith(STEP_CONDITION_PREFIX):
+            continue  # a TDM-unify student's K condition: step_embedding.StepConditions reads it
         if match := _DOWN.search(key):
             layers.setdefault(key[: match.start()], {})["down"] = value
         elif match := _UP.search(key):

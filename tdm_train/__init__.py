@@ -27,7 +27,35 @@ from .timesteps import COGVIDEOX_TIMESTEPS, shifted_timesteps, tdm_timesteps, va
 
 __version__ = "0.1.0"
 
+# The loop, the roles and the LoRA files live in their folders (training/, lora/, pipelines/);
+# their main names are importable from the top as well, loaded on first use so that
+# ``import tdm_train`` stays light (no diffusers / peft / accelerate until they are asked for).
+_LAZY = {
+    "TDMTrainer": "training.trainer",
+    "TrainConfig": "training.trainer",
+    "TrainingStopped": "training.trainer",
+    "AdapterRoles": "training.roles",
+    "save_student_lora": "lora.export",
+    "fuse_lora": "lora.merge",
+    "match_lora": "lora.merge",
+    "recommend": "lora.metadata",
+    "StepConditions": "lora.step_embedding",
+    "WeightLoraRoles": "lora.weight_wrappers",
+    "CogVideoXParts": "pipelines.cogvideox",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
+    *_LAZY,
     "COGVIDEOX_TIMESTEPS",
     "NoiseSchedule",
     "TDMConfig",

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..schedule import NoiseSchedule
-
-if TYPE_CHECKING:  # a backend never imports the training loop
-    from ..training.roles import AdapterRoles
 
 Condition = dict[str, torch.Tensor]
 
@@ -50,7 +47,7 @@ class RoleFunction:
     """``f(x_t, t, cond) -> x0`` of one role over the shared base: each call runs as that role and
     restores the previous one (see roles.py), so calls can nest inside another role's step."""
 
-    def __init__(self, backend: Backend, roles: AdapterRoles, role: str):
+    def __init__(self, backend: Backend, roles, role: str):  # roles: a training.roles.RoleSwitch
         self.backend, self.roles, self.role = backend, roles, role
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:

@@ -87,3 +87,20 @@ def test_resolution_and_its_description():
     assert describe_guidance(1.0, "sdxl") == "1 (no CFG: the student learns the unguided teacher)"
     assert describe_guidance(5.0, "sdxl") == "5 (chosen for this run; the sdxl default is 8)"
     assert describe_guidance(2.0, "digits") == "2 (chosen for this run)"
+
+
+def test_resuming_at_another_guidance_than_the_checkpoints_warns(tmp_path, caplog):
+    """A run started under another default (e.g. 1 before the recipes) is not continued silently."""
+    import logging
+
+    from test_trainer import make_trainer
+
+    from tdm_train.distill import TDMConfig
+
+    make_trainer(tmp_path, max_train_steps=1, train_batch_size=1, tdm=TDMConfig(guidance_scale=1.0)).train(
+        progress=False)
+    with caplog.at_level(logging.WARNING, logger="tdm_train"):
+        make_trainer(tmp_path, tdm=TDMConfig(guidance_scale=1.0)).load_checkpoint(tmp_path / "checkpoint-1")
+        assert "teacher guidance" not in caplog.text
+        make_trainer(tmp_path, tdm=TDMConfig(guidance_scale=8.0)).load_checkpoint(tmp_path / "checkpoint-1")
+    assert "was trained with teacher guidance 1; this run continues it with 8" in caplog.text

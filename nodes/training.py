@@ -81,7 +81,8 @@ def training_guidance(training_cfg: float, family: str) -> tuple[float, str]:
 
 
 def _auto_cfg_tooltip() -> str:
-    presets = ", ".join(f"{name} {RECOMMENDED_GUIDANCE[name].scale:g}" for name in ("sdxl", "sd15", "pixart"))
+    labels = {"sdxl": "SDXL", "sd15": "SD1.x/2.x", "pixart": "PixArt-alpha"}
+    presets = ", ".join(f"{label} {RECOMMENDED_GUIDANCE[name].scale:g}" for name, label in labels.items())
     return ("the teacher's guidance folded into the target (the student samples at cfg 1). 0 = auto: the model "
             f"family's recommended value ({presets}; the same as python -m tdm_train); 1 = no CFG")
 

@@ -224,7 +224,8 @@ class ComfyTDMTrainer(TDMTrainer):
         state = self.student_state()
         targets = cfg.lora_target_modules or self.backend.default_lora_targets
         metadata = lora_metadata(self.family, cfg.lora_rank, cfg.lora_alpha, targets, self.objective.timesteps,
-                                 self.step, title=f"TDM student ({self.family}, trained in ComfyUI)")
+                                 self.step, title=f"TDM student ({self.family}, trained in ComfyUI)",
+                                 training_cfg=cfg.tdm.guidance_scale)
         metadata["modelspec.implementation"] = "comfyui"
         atomic.save_safetensors(native_lora(state, cfg.lora_alpha), self.lora_path, metadata)
         written = [self.lora_path]
@@ -236,7 +237,8 @@ class ComfyTDMTrainer(TDMTrainer):
                 peft[f"{names[module]}.lora_A.weight"] = state[f"{module}.lora_down.weight"]
                 peft[f"{names[module]}.lora_B.weight"] = state[f"{module}.lora_up.weight"]
             written += list(save_student_lora(self.output_dir / "diffusers", self.family, peft, cfg.lora_rank,
-                                              cfg.lora_alpha, targets, self.objective.timesteps, self.step))
+                                              cfg.lora_alpha, targets, self.objective.timesteps, self.step,
+                                              training_cfg=cfg.tdm.guidance_scale))
         return tuple(written)
 
 

@@ -12,9 +12,10 @@ from comfy_api.latest import io, ui
 import folder_paths
 from tdm_train.distill import TDMConfig
 from tdm_train.training.prompts import read_prompts
+from tdm_train.training.recipes import RECOMMENDED_GUIDANCE, resolve_guidance
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
-from .comfy_trainer import train_in_comfyui
+from .comfy_trainer import train_in_comfyui, training_family
 
 CATEGORY = "training/TDM"
 NO_FILE = "(none)"
@@ -62,6 +63,28 @@ def training_folder(name: str) -> Path:
     """Checkpoints and the diffusers copy: output/tdm_training/<name> (never in models/loras)."""
     root = Path(folder_paths.get_output_directory()).resolve() / "tdm_training"
     return root / name.strip().removesuffix(".safetensors")
+
+
+AUTO_CFG = 0.0  # training_cfg 0: the model family's recommended guidance, as the CLI's default
+
+
+def training_guidance(training_cfg: float, family: str) -> tuple[float, str]:
+    """(the teacher guidance to train with, where it comes from) for the node's ``training_cfg``:
+    0 = auto, the family's recipe (tdm_train/training/recipes.py, the same as ``python -m
+    tdm_train``); any value >= 1 wins (1 = no CFG)."""
+    if training_cfg == AUTO_CFG:
+        return resolve_guidance(None, family)
+    if training_cfg < 1.0:
+        raise ValueError(f"TDM Train LoRA: training_cfg {training_cfg:g} is below 1: use 0 for the model family's "
+                         "recommended guidance, 1 for none, or a value > 1")
+    return resolve_guidance(training_cfg, family)
+
+
+def _auto_cfg_tooltip() -> str:
+    labels = {"sdxl": "SDXL", "sd15": "SD1.x/2.x", "pixart": "PixArt-alpha"}
+    presets = ", ".join(f"{label} {RECOMMENDED_GUIDANCE[name].scale:g}" for name, label in labels.items())
+    return ("the teacher's guidance folded into the target (the student samples at cfg 1). 0 = auto: the model "
+            f"family's recommended value ({presets}; the same as python -m tdm_train); 1 = no CFG")
 
 
 def parse_grid(grid: str, num_steps: int, custom: str) -> tuple[int, ...]:
@@ -138,8 +161,8 @@ class TDMTrainLoRA(io.ComfyNode):
                 io.Combo.Input("grid", options=["tdm_uniform", "custom"], default="tdm_uniform"),
                 io.Int.Input("num_steps", default=4, min=1, max=8, tooltip="student steps on the uniform grid"),
                 io.String.Input("custom_timesteps", default="899, 674, 449, 224"),
-                io.Float.Input("training_cfg", default=4.5, min=1.0, max=20.0, step=0.1,
-                               tooltip="the teacher's guidance in the target (the student samples at cfg 1)"),
+                io.Float.Input("training_cfg", default=AUTO_CFG, min=0.0, max=20.0, step=0.1,
+                               tooltip=_auto_cfg_tooltip()),
                 io.Combo.Input("loss", options=["mse", "huber_elementwise", "pseudo_huber"], default="mse"),
                 io.Combo.Input("tau_mode", options=["separate", "tail"], default="separate"),
                 io.String.Input("unify_steps", default="",
@@ -176,8 +199,10 @@ class TDMTrainLoRA(io.ComfyNode):
             raise ValueError(f"TDM Train LoRA: {what} already exist(s) for lora_name {lora_name!r}: turn resume on to "
                              "continue that run, or choose another lora_name (nothing is overwritten)")
         unify = parse_unify(unify_steps)
+        family = training_family(model)
+        guidance, guidance_source = training_guidance(training_cfg, family)
         tdm = TDMConfig(num_steps=num_steps, timesteps=None if unify else parse_grid(grid, num_steps, custom_timesteps),
-                        tau_mode=tau_mode, guidance_scale=training_cfg, generator_loss=loss, unify_steps=unify)
+                        tau_mode=tau_mode, guidance_scale=guidance, generator_loss=loss, unify_steps=unify)
         config = TrainConfig(output_dir=str(folder), max_train_steps=steps, train_batch_size=batch_size,
                              learning_rate=fake_learning_rate,
                              generator_lr_ratio=generator_learning_rate / fake_learning_rate, lora_rank=lora_rank,
@@ -186,7 +211,8 @@ class TDMTrainLoRA(io.ComfyNode):
         student, lora_state, history = train_in_comfyui(model, clip, texts, negative_prompt, width, height, config,
                                                          DTYPES[training_dtype], gradient_checkpointing, lora_path)
         summary = (f"{lora_path.name}: {config.max_train_steps} steps on {len(texts)} prompts, "
-                   f"timesteps {list(tdm.timesteps or tdm_timesteps(max(unify or [num_steps])))}; "
+                   f"timesteps {list(tdm.timesteps or tdm_timesteps(max(unify or [num_steps])))}, "
+                   f"training CFG {guidance:g} ({guidance_source}); "
                    f"non-finite steps skipped: {sum(1 for h in history if h.get('skipped_nonfinite'))}")
         logging.info("TDM Train LoRA: %s", summary)
         return io.NodeOutput(student, lora_state, loss_curve(history), str(lora_path), ui=ui.PreviewText(summary))

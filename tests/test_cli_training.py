@@ -57,17 +57,27 @@ def test_sdxl_run_from_a_config_file_with_flag_overrides_then_resume(pipelines, 
     assert state["config"]["lora_alpha"] == 2.0 and state["config"]["tdm"]["guidance_scale"] == 2.0
 
 
-@pytest.mark.parametrize("backbone, extra", [
-    ("pixart", ["--resolution", "64", "--real_guidance_scale", "3.5"]),
-    ("cogvideox", ["--height", "16", "--width", "16", "--frames", "9", "--student_timesteps", "999,856,665,399"]),
+@pytest.mark.parametrize("backbone, extra, guidance", [
+    ("pixart", ["--resolution", "64"], 4.5),  # no flag: PixArt-alpha's default, the official demo's 4.5
+    ("cogvideox", ["--height", "16", "--width", "16", "--frames", "9", "--student_timesteps", "999,856,665,399",
+                   "--real_guidance_scale", "1"], 1.0),  # an explicit 1 beats the default (6)
 ])
-def test_pixart_and_cogvideox_runs(pipelines, prompts, tmp_path, backbone, extra):
+def test_pixart_and_cogvideox_runs(pipelines, prompts, tmp_path, backbone, extra, guidance):
+    from safetensors import safe_open
+
     out = tmp_path / backbone
     result = run("--pretrained_teacher_model", pipelines[backbone], "--prompts", prompts, "--output_dir", out,
                  "--max_train_steps", "1", "--lora_rank", "4", "--lora_alpha", "4", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"TDM {backbone}: 1 steps" in result.stdout
     assert (out / "tdm_lora_comfyui.safetensors").is_file()
+    # the guidance trained with, in the LoRA metadata, the model card and the checkpoint
+    for name in ("tdm_lora_comfyui.safetensors", "pytorch_lora_weights.safetensors"):
+        with safe_open(str(out / name), "pt") as f:
+            assert f.metadata()["tdm.training_cfg"] == f"{guidance:g}", name
+    assert f"Teacher guidance (CFG) distilled into it: {guidance:g} (" in (out / "README.md").read_text()
+    state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["config"]["tdm"]["guidance_scale"] == guidance
 
 
 @pytest.mark.parametrize("args, message", [

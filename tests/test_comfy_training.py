@@ -174,3 +174,78 @@ def test_node_inputs_paths_and_loss_curve(pack, stubs, tmp_path, monkeypatch):
     assert 0 <= curve.min() and curve.max() <= 1 and curve.std() > 0.01
     red = (curve[0, :, :, 0] > 0.8) & (curve[0, :, :, 1] < 0.1) & (curve[0, :, :, 2] < 0.1)
     assert red.any()  # the skipped step is marked
+
+
+def _comfy_model(family: str):
+    """A MODEL whose model_base training_family() reads as ``family``."""
+    from types import SimpleNamespace
+
+    if family == "sd15":
+        base = type("BaseModel", (), {"adm_channels": 0,
+                                      "model_config": SimpleNamespace(unet_config={"context_dim": 768})})()
+    else:
+        base = type({"sdxl": "SDXL", "pixart": "PixArt"}[family], (), {})()
+    return SimpleNamespace(model=base)
+
+
+def _run_train_node(training, monkeypatch, tmp_path, family, **widgets):
+    """TDM Train LoRA's execute with its schema defaults (and ``widgets``) on a ``family`` MODEL,
+    the training itself replaced by a recorder of the TrainConfig it is given."""
+    schema = training.TDMTrainLoRA.define_schema()
+    values = {i.id: i.default for i in schema.inputs if i.id not in ("model", "clip")}
+    values.update(lora_name=f"guidance_{family}", **widgets)
+    seen = {}
+
+    def recorded(model, clip, prompts, negative, width, height, config, dtype, checkpointing, lora_path):
+        seen["config"] = config
+        return model, {}, []
+
+    monkeypatch.setattr(training, "train_in_comfyui", recorded)
+    output = training.TDMTrainLoRA.execute(model=_comfy_model(family), clip=None, **values)
+    return seen["config"].tdm.guidance_scale, output.ui.value
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd15", "pixart"])
+def test_train_node_training_cfg_auto_is_the_familys_recipe_as_in_the_cli(pack, stubs, tmp_path, monkeypatch, family):
+    from tdm_train.cli import parse_args
+    from tdm_train.training.arguments import tdm_config
+
+    training = _submodule(pack, "training")
+    folder_paths = stubs["folder_paths"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path / "loras")], set()))
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    cfg = {i.id: i for i in training.TDMTrainLoRA.define_schema().inputs}["training_cfg"]
+    assert cfg.default == training.AUTO_CFG == 0.0 and cfg.min == 0.0 and "0 = auto" in cfg.tooltip
+
+    expected = {"sdxl": 8.0, "sd15": 3.5, "pixart": 4.5}[family]  # recipes.py: the paper, the paper, the demo
+    guidance, summary = _run_train_node(training, monkeypatch, tmp_path, family)
+    assert guidance == expected and f"training CFG {expected:g} ({family} default" in summary
+    if family != "sd15":  # the CLI trains no SD1.x: for the others the node agrees with python -m tdm_train
+        assert tdm_config(parse_args([]), family).guidance_scale == guidance
+
+    assert _run_train_node(training, monkeypatch, tmp_path, family, training_cfg=1.0)[0] == 1.0  # explicit wins
+    assert _run_train_node(training, monkeypatch, tmp_path, family, training_cfg=6.5)[0] == 6.5
+    with pytest.raises(ValueError, match="below 1"):
+        _run_train_node(training, monkeypatch, tmp_path, family, training_cfg=0.5)
+
+
+def test_comfy_trainer_records_the_training_cfg_in_the_lora(tmp_path):
+    """ComfyTDMTrainer.export_lora writes the teacher guidance it trained with (tdm.training_cfg)."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from nodes.comfy_trainer import ComfyTDMTrainer
+    from tdm_train.distill import TDMConfig
+    from tdm_train.training.trainer import TrainConfig
+
+    state = {"blocks.0.attn.qkv.lora_down.weight": torch.randn(2, 8),
+             "blocks.0.attn.qkv.lora_up.weight": torch.randn(24, 2)}
+    trainer = SimpleNamespace(config=TrainConfig(output_dir=str(tmp_path), lora_rank=2, lora_alpha=2,
+                                                 tdm=TDMConfig(guidance_scale=4.5)),
+                              student_state=lambda: state, backend=SimpleNamespace(default_lora_targets=("attn.qkv",)),
+                              objective=SimpleNamespace(timesteps=[899, 674, 449, 224]), step=3, family="pixart",
+                              lora_path=tmp_path / "student.safetensors", unet_config=None, output_dir=tmp_path)
+    (path,) = ComfyTDMTrainer.export_lora(trainer)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["tdm.training_cfg"] == "4.5"

@@ -421,6 +421,7 @@ def test_train_node_saves_a_native_lora_that_loraloader_loads_completely(comfy):
     assert {k.rsplit(".", 2)[-2] for k in keys if k.endswith(".weight")} == {"lora_up", "lora_down"}
     assert any(".attn1.to_q." in k for k in keys) and alphas == {8.0}
     assert json.loads(metadata["tdm.timesteps"]) == [899, 674, 449, 224] and metadata["ss_max_train_steps"] == "3"
+    assert metadata["tdm.training_cfg"] == "3.5"  # the workflow's training_cfg 0 = auto: SD1.x's recipe
     diffusers_copy = base / "output" / "tdm_training" / "tiny_trained" / "diffusers" / "pytorch_lora_weights.safetensors"
     assert diffusers_copy.is_file()  # for diffusers users (SD1.x / SDXL)
     student = _saved_latent(base, entry)

@@ -91,6 +91,23 @@ def test_diffusers_file_has_adapter_metadata_and_a_model_card(trained):
     assert "899, 674, 449, 224" in card and "guidance scale **1**" in card
 
 
+def test_the_trainers_export_records_the_teacher_guidance_it_trained_with(trained, tmp_path):
+    trainer, state, (diffusers_path, _) = trained
+    run = trainer.output_dir  # trainer.train() wrote its own files there, trained at guidance 2 (make_trainer)
+    for name in (DIFFUSERS_FILE, COMFYUI_FILE):
+        with safe_open(str(run / name), "pt") as f:
+            assert f.metadata()["tdm.training_cfg"] == "2", name
+    card = (run / "README.md").read_text()
+    assert "Teacher guidance (CFG) distilled into it: 2 (chosen for this run; the sdxl default is 8)." in card
+    # without a training guidance (a converted file) nothing is claimed
+    with safe_open(str(diffusers_path), "pt") as f:
+        assert "tdm.training_cfg" not in f.metadata()
+    assert "Teacher guidance" not in (diffusers_path.parent / "README.md").read_text()
+    save_student_lora(tmp_path, "pixart", {"a.lora_A.weight": torch.zeros(2, 4), "a.lora_B.weight": torch.zeros(4, 2)},
+                      2, 2, ("a",), [899], 1, training_cfg=4.5)
+    assert "distilled into it: 4.5 (the pixart default, the official TDM demo" in (tmp_path / "README.md").read_text()
+
+
 def test_non_finite_lora_is_never_saved(tmp_path):
     state = {"a.lora_A.weight": torch.full((2, 4), float("nan")), "a.lora_B.weight": torch.zeros(4, 2)}
     with pytest.raises(ValueError, match="non-finite"):

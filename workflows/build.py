@@ -274,7 +274,7 @@ def workflows() -> list[Workflow]:
                 "prompts_file": "(none)", "negative_prompt": "", "width": 1024, "height": 1024, "steps": 500,
                 "batch_size": 1, "generator_learning_rate": 2e-5, "fake_learning_rate": 1e-4, "lora_rank": 32,
                 "lora_alpha": 64.0, "grid": "tdm_uniform", "num_steps": 4, "custom_timesteps": "899, 674, 449, 224",
-                "training_cfg": 4.5, "loss": "mse", "tau_mode": "separate", "unify_steps": "", "seed": 0,
+                "training_cfg": 0.0, "loss": "mse", "tau_mode": "separate", "unify_steps": "", "seed": 0,
                 "gradient_checkpointing": True, "training_dtype": "bf16", "lora_name": "tdm_sdxl_student",
                 "resume": False, "checkpoint_every": 100},
                  {"model": (1, 0), "clip": (1, 1)}, pos=(420, 80)),
@@ -286,7 +286,9 @@ def workflows() -> list[Workflow]:
             Node(7, "PreviewImage", {}, {"images": (6, 0)}, pos=(1560, 300)),
             Node(8, "PreviewImage", {}, {"images": (2, 2)}, pos=(800, 740)),
             _note(9, "TDM distillation of the checkpoint as loaded, from prompts alone (no images): the model is the "
-                     "teacher, the student and a fake score are two LoRAs on it. The LoRA lands in "
+                     "teacher, the student and a fake score are two LoRAs on it, distilled from the teacher at "
+                     "training_cfg 0 = auto: the family's recommended guidance (SDXL 8, as the paper; the same "
+                     "default as python -m tdm_train). The LoRA lands in "
                      "models/loras/tdm_sdxl_student.safetensors (checkpoints and a diffusers copy in "
                      "output/tdm_training/); the node's model output samples at once in 4 steps, cfg 1. Cancel "
                      "stops after saving a checkpoint; turn resume on to continue. SDXL at 1024 px needs a GPU "

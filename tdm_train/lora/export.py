@@ -11,7 +11,8 @@
   with ``.alpha`` tensors; CogVideoX (not in ComfyUI core) the diffusers format.
 
 Both carry kohya ``ss_*`` / ``modelspec.*`` fields and our ``tdm.*`` fields (timesteps, K,
-recommended CFG 1 and strength), and a model card next to them gives the inference settings.
+recommended CFG 1 and strength, the teacher CFG it was trained with), and a model card next to
+them gives the inference settings.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from .metadata import SETTINGS_KEY, STRENGTH_KEY
+from ..training.recipes import describe_guidance
+from .metadata import SETTINGS_KEY, STRENGTH_KEY, TRAINING_CFG_KEY
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "tdm_lora_comfyui.safetensors"
@@ -81,9 +83,13 @@ def transformer_alpha_state_dict(state: Mapping[str, torch.Tensor], alpha: float
 
 
 def lora_metadata(backend_name: str, rank: int, alpha: float, target_modules, timesteps: list[int],
-                  steps_trained: int, extra_sampling: dict | None = None, title: str = "TDM student") -> dict[str, str]:
+                  steps_trained: int, extra_sampling: dict | None = None, title: str = "TDM student",
+                  training_cfg: float | None = None) -> dict[str, str]:
+    """kohya / model-spec / ``tdm.*`` fields. ``training_cfg`` is the teacher guidance the student
+    was distilled from (``tdm.training_cfg``; sampling stays at ``tdm.recommended_cfg`` 1)."""
     component, architecture, base_version = ARCHITECTURES[backend_name]
     sampling = {"timesteps": list(timesteps), "num_steps": len(timesteps), "cfg": 1.0, **(extra_sampling or {})}
+    training = {} if training_cfg is None else {TRAINING_CFG_KEY: f"{float(training_cfg):g}"}
     return {
         "format": "pt",
         "ss_network_module": "networks.lora",
@@ -102,20 +108,23 @@ def lora_metadata(backend_name: str, rank: int, alpha: float, target_modules, ti
         STRENGTH_KEY: "1.0",
         SETTINGS_KEY: json.dumps(sampling),
         "tdm.target_modules": json.dumps(sorted(target_modules)),
+        **training,
     }
 
 
 def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[str, torch.Tensor], rank: int,
                       alpha: float, target_modules, timesteps: list[int], steps_trained: int,
-                      extra_sampling: dict | None = None) -> tuple[Path, Path]:
-    """Writes both files and the model card; returns (diffusers file, ComfyUI file)."""
+                      extra_sampling: dict | None = None, training_cfg: float | None = None) -> tuple[Path, Path]:
+    """Writes both files and the model card; returns (diffusers file, ComfyUI file).
+    ``training_cfg``: the teacher guidance it was trained with, recorded in both."""
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save a LoRA with non-finite weights: {bad[:4]}")
     component = ARCHITECTURES[backend_name][0]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    meta = lora_metadata(backend_name, rank, alpha, target_modules, timesteps, steps_trained, extra_sampling)
+    meta = lora_metadata(backend_name, rank, alpha, target_modules, timesteps, steps_trained, extra_sampling,
+                         training_cfg=training_cfg)
 
     peft_config = {"r": rank, "lora_alpha": float(alpha), "target_modules": sorted(target_modules),
                    "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False}
@@ -133,18 +142,20 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
     else:  # no ComfyUI core model: the diffusers file again, its adapter metadata (alpha, rank) included
         comfy, comfy_meta = diffusers_state_dict(state, component), diffusers_meta
     atomic.save_safetensors(comfy, comfy_path, comfy_meta)
-    _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained)
+    _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained, training_cfg)
     return diffusers_path, comfy_path
 
 
 def _write_model_card(output_dir: Path, backend_name: str, rank: int, alpha: float, timesteps: list[int],
-                      steps_trained: int) -> None:
+                      steps_trained: int, training_cfg: float | None = None) -> None:
     grid = ", ".join(str(t) for t in timesteps)
+    guidance = ("" if training_cfg is None else
+                f"Teacher guidance (CFG) distilled into it: {describe_guidance(float(training_cfg), backend_name)}.\n")
     card = f"""# TDM student LoRA ({backend_name})
 
 Distilled with TDM (Trajectory Distribution Matching, Luo et al., ICCV 2025) by ComfyUI-TDM:
 {steps_trained} training steps, LoRA rank {rank}, alpha {alpha:g} (scale {alpha / rank:g}).
-
+{guidance}
 ## Inference settings (the ones it was trained for)
 - {len(timesteps)} steps at exactly these timesteps: **{grid}**, starting from pure N(0, I) noise
   at {timesteps[0]}, deterministic DDIM steps (eta 0), guidance scale **1** (no CFG), LoRA strength 1.

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..distill import TDMConfig
+from .recipes import recommended_guidance
 
 
 def _csv(text: str) -> list[str]:
@@ -99,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--report_to", default=None, help="accelerate tracker, e.g. tensorboard")
     train.add_argument("--student_timesteps", type=_int_list, default=None,
                        help="explicit grid, noisiest first (e.g. 999,856,665,399); overrides --num_steps/--total_steps")
-    train.add_argument("--real_guidance_scale", type=float, default=1.0,
-                       help="CFG folded into the teacher (demo 4.5; paper PixArt 3.5, SDXL 8)")
+    train.add_argument("--real_guidance_scale", type=float, default=None,
+                       help="CFG folded into the teacher's target (the student samples at cfg 1). Default: the "
+                            "backbone's recipe (tdm_train/training/recipes.py): PixArt-alpha 4.5 (the official "
+                            "demo), SDXL 8 (the paper), CogVideoX 6 (ours: the paper gives none). 1 = no CFG")
     train.add_argument("--huber_c", type=float, default=1e-3)
     train.add_argument("--fake_updates_per_generator", type=int, default=1, help="TTUR ratio")
     train.add_argument("--unify_steps", type=_int_list, default=None,
@@ -161,14 +164,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def tdm_config(args: argparse.Namespace) -> TDMConfig:
+def tdm_config(args: argparse.Namespace, backbone: str | None = None) -> TDMConfig:
+    """The TDM settings of the flags. ``--real_guidance_scale`` left unset (None) means the
+    backbone's recommended guidance; with no backbone (the unconditional Gaussian-mixture toy) 1."""
+    guidance = getattr(args, "real_guidance_scale", None)
+    if guidance is None:
+        guidance = recommended_guidance(backbone).scale if backbone else 1.0
     return TDMConfig(
         num_steps=args.num_steps,
         total_steps=args.total_steps,
         timesteps=tuple(args.student_timesteps) if getattr(args, "student_timesteps", None) else None,
         tau_mode=args.tau_mode,
         mid_point=args.mid_point,
-        guidance_scale=getattr(args, "real_guidance_scale", 1.0),
+        guidance_scale=guidance,
         generator_loss=args.loss,
         huber_c=getattr(args, "huber_c", 1e-3),
         importance_weighting=not args.no_importance_weight,

@@ -12,6 +12,7 @@ import torch
 from .teachers import add_sdxl_time_ids, build_backend, cached_prompt_conditions, detect_backbone
 from .arguments import tdm_config
 from .prompts import read_prompts
+from .recipes import resolve_guidance
 from .trainer import TDMTrainer, TrainConfig
 
 logger = logging.getLogger("tdm_train")
@@ -31,7 +32,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
     if args.student_timesteps and args.num_steps not in (4, len(args.student_timesteps)):
         raise ValueError(f"--num_steps {args.num_steps} does not match --student_timesteps "
                          f"{args.student_timesteps} ({len(args.student_timesteps)} steps); drop one of them")
-    tdm = tdm_config(args)
+    tdm = tdm_config(args, backbone)
     grid = tdm.grid()  # raises on a bad grid (out of range, not decreasing)
     if backbone == "sdxl" and args.resolution % 8:
         raise ValueError(f"--resolution {args.resolution} must be a multiple of 8")
@@ -60,7 +61,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
         max_nonfinite_in_a_row=args.max_nonfinite_in_a_row,
         tdm=tdm,
     )
-    logger.info("TDM %s: %d prompts, grid %s", backbone, len(prompts), grid)
+    logger.info("TDM %s: %d prompts, grid %s, teacher guidance %g (%s)", backbone, len(prompts), grid,
+                tdm.guidance_scale, resolve_guidance(args.real_guidance_scale, backbone)[1])
     return backbone, prompts, config
 
 

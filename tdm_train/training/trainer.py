@@ -321,6 +321,11 @@ class TDMTrainer:
         if state.get("timesteps") != self.objective.timesteps:
             raise ValueError(f"{path} trained on timesteps {state.get('timesteps')}, this run uses "
                              f"{self.objective.timesteps}; resume with the same grid")
+        trained_cfg = state.get("config", {}).get("tdm", {}).get("guidance_scale")
+        if trained_cfg is not None and trained_cfg != self.config.tdm.guidance_scale:  # e.g. a changed default
+            logger.warning("%s was trained with teacher guidance %g; this run continues it with %g (set "
+                           "--real_guidance_scale or the node's training_cfg to %g to keep the checkpoint's)",
+                           path, trained_cfg, self.config.tdm.guidance_scale, trained_cfg)
         for adapter in ("student", "fake"):
             self.roles.load_state_dict(adapter, {k: v.to(self.device) for k, v in data["adapters"][adapter].items()})
             self.optimizers[adapter].load_state_dict(data["optimizers"][adapter])
@@ -380,7 +385,8 @@ class TDMTrainer:
         cfg = self.config
         targets = cfg.lora_target_modules or self.backend.default_lora_targets
         return save_student_lora(self.output_dir, self.backend.name, self.student_state(), cfg.lora_rank,
-                                 cfg.lora_alpha, targets, self.objective.timesteps, self.step)
+                                 cfg.lora_alpha, targets, self.objective.timesteps, self.step,
+                                 training_cfg=cfg.tdm.guidance_scale)
 
     def student_state(self) -> dict[str, torch.Tensor]:
         state = self.roles.state_dict("student")

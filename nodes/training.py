@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 import folder_paths
 from tdm_train.distill import TDMConfig
 from tdm_train.training.prompts import read_prompts
-from tdm_train.training.recipes import RECOMMENDED_GUIDANCE, resolve_guidance
+from tdm_train.recipes import RECOMMENDED_GUIDANCE, resolve_guidance
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
 from .comfy_trainer import train_in_comfyui, training_family
@@ -70,7 +70,7 @@ AUTO_CFG = 0.0  # training_cfg 0: the model family's recommended guidance, as th
 
 def training_guidance(training_cfg: float, family: str) -> tuple[float, str]:
     """(the teacher guidance to train with, where it comes from) for the node's ``training_cfg``:
-    0 = auto, the family's recipe (tdm_train/training/recipes.py, the same as ``python -m
+    0 = auto, the family's recipe (tdm_train/recipes.py, the same as ``python -m
     tdm_train``); any value >= 1 wins (1 = no CFG)."""
     if training_cfg == AUTO_CFG:
         return resolve_guidance(None, family)

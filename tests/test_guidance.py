@@ -1,5 +1,5 @@
 """The teacher guidance TDM trains with when the user sets none: the backbone's recipe
-(tdm_train/training/recipes.py) reaches TDMConfig.guidance_scale through the CLI's checks, an
+(tdm_train/recipes.py) reaches TDMConfig.guidance_scale through the CLI's checks, an
 explicit value (1.0 included) wins in flags and config files, and the demos keep their own.
 Checked on folders holding only a model_index.json: check_args loads no model."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from tdm_train.cli import parse_args
 from tdm_train.training.arguments import tdm_config
-from tdm_train.training.recipes import RECOMMENDED_GUIDANCE, describe_guidance, resolve_guidance
+from tdm_train.recipes import RECOMMENDED_GUIDANCE, describe_guidance, resolve_guidance
 from tdm_train.training.run import check_args
 
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "pixart": "PixArtAlphaPipeline", "cogvideox": "CogVideoXPipeline"}

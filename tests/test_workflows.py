@@ -115,4 +115,4 @@ def test_sd3_workflow_carries_the_official_lora_settings():
 def test_training_workflow_trains_at_the_familys_recommended_guidance():
     api = json.loads((ROOT / "workflows" / "api" / "sdxl_tdm_train_lora.json").read_text())
     train = next(n for n in api.values() if n["class_type"] == "TDMTrainLoRA")["inputs"]
-    assert train["training_cfg"] == 0.0  # auto: SDXL's 8 (tdm_train/training/recipes.py), as python -m tdm_train
+    assert train["training_cfg"] == 0.0  # auto: SDXL's 8 (tdm_train/recipes.py), as python -m tdm_train

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..training.recipes import describe_guidance
+from ..recipes import describe_guidance
 from .metadata import SETTINGS_KEY, STRENGTH_KEY, TRAINING_CFG_KEY
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..distill import TDMConfig
-from .recipes import recommended_guidance
+from ..recipes import recommended_guidance
 
 
 def _csv(text: str) -> list[str]:
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="explicit grid, noisiest first (e.g. 999,856,665,399); overrides --num_steps/--total_steps")
     train.add_argument("--real_guidance_scale", type=float, default=None,
                        help="CFG folded into the teacher's target (the student samples at cfg 1). Default: the "
-                            "backbone's recipe (tdm_train/training/recipes.py): PixArt-alpha 4.5 (the official "
+                            "backbone's recipe (tdm_train/recipes.py): PixArt-alpha 4.5 (the official "
                             "demo), SDXL 8 (the paper), CogVideoX 6 (ours: the paper gives none). 1 = no CFG")
     train.add_argument("--huber_c", type=float, default=1e-3)
     train.add_argument("--fake_updates_per_generator", type=int, default=1, help="TTUR ratio")

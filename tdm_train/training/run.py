@@ -12,7 +12,7 @@ import torch
 from .teachers import add_sdxl_time_ids, build_backend, cached_prompt_conditions, detect_backbone
 from .arguments import tdm_config
 from .prompts import read_prompts
-from .recipes import resolve_guidance
+from ..recipes import resolve_guidance
 from .trainer import TDMTrainer, TrainConfig
 
 logger = logging.getLogger("tdm_train")

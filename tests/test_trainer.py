@@ -133,15 +133,23 @@ def test_bad_training_configs_fail_before_any_model_is_built():
         TrainConfig(max_train_steps=0)
 
 
-def test_two_cpu_processes_over_gloo_train_one_synchronised_student(tmp_path):
+def test_two_cpu_processes_over_gloo_average_gradients_like_one_process_with_twice_the_batch(tmp_path):
+    """2 processes x batch B == 1 process x batch 2B on the same samples and draws: the gradients
+    each optimizer applies and the LoRA weights. A sum over processes would double the gradients,
+    a broadcast would drop rank 1's samples; either fails here. Also with gradient accumulation,
+    gradient checkpointing and the fp16 scaler together."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tests" / "multiprocess"))
+    from replay_draws import record_gradients, replaying
+    from train_two_processes import BATCH_PER_PROCESS, GRADIENT_TOLERANCE, SCENARIOS, UPDATE_TOLERANCE, build_trainer
+
+    from tdm_train.training.trainer import SingleProcess
+
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
            "MASTER_ADDR": "127.0.0.1", "PYTHONPATH": str(root)}
     run = subprocess.run(
@@ -151,16 +159,34 @@ def test_two_cpu_processes_over_gloo_train_one_synchronised_student(tmp_path):
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    ranks = [load_file(str(tmp_path / f"student_rank{r}.safetensors")) for r in (0, 1)]
-    initial = [load_file(str(tmp_path / f"initial_rank{r}.safetensors")) for r in (0, 1)]
-    for key in ranks[0]:
-        torch.testing.assert_close(ranks[0][key], ranks[1][key], rtol=0, atol=0)  # one model, two processes
-        torch.testing.assert_close(initial[0][key], initial[1][key], rtol=0, atol=0)  # synced at start
-    assert max((ranks[0][k] - initial[0][k]).abs().max() for k in ranks[0]) > 0
-    checkpoint = tmp_path / "run" / "checkpoint-3"
+    checkpoint = tmp_path / "plain" / "run" / "checkpoint-2"
     assert (checkpoint / "rng_0.pt").is_file() and (checkpoint / "rng_1.pt").is_file()
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    assert state["world_size"] == 2
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["world_size"] == 2
+    for name in SCENARIOS:
+        ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        for adapter in ("student", "fake"):
+            for when in ("initial", "final"):  # one model in two processes, from the start
+                torch.testing.assert_close(_flat(ranks[0][when][adapter]), _flat(ranks[1][when][adapter]), rtol=0, atol=0)
+            assert _relative(_flat(ranks[0]["final"][adapter]), _flat(ranks[0]["initial"][adapter])) > 0
+        assert ranks[0]["scalers"] == ranks[1]["scalers"]
+        assert ranks[0]["buckets"] > 1 and ranks[0]["launched_during_backward"] >= 1  # overlapped with backward
+
+        # one process, twice the batch, fed rank 0's and rank 1's draws side by side
+        reference = build_trainer(name, tmp_path / name / "reference", 2 * BATCH_PER_PROCESS, SingleProcess("cpu"),
+                                  lora_seed=100)  # rank 0's initialisation: the one both processes started from
+        for adapter in ("student", "fake"):
+            torch.testing.assert_close(_flat(reference.roles.state_dict(adapter)), _flat(ranks[0]["initial"][adapter]),
+                                       rtol=0, atol=0)
+        applied = record_gradients(reference)
+        with replaying(reference, [list(pair) for pair in zip(ranks[0]["segments"], ranks[1]["segments"])]):
+            reference.train(progress=False)
+        for adapter in ("student", "fake"):
+            assert len(applied[adapter]) == len(ranks[0]["applied"][adapter]) == SCENARIOS[name]["max_train_steps"]
+            for got, want in zip(ranks[0]["applied"][adapter], applied[adapter]):
+                assert _relative(got, want) < GRADIENT_TOLERANCE[name], (name, adapter)
+            got = _flat(ranks[0]["final"][adapter]) - _flat(ranks[0]["initial"][adapter])
+            want = _flat(reference.roles.state_dict(adapter)) - _flat(ranks[0]["initial"][adapter])
+            assert _relative(got, want) < UPDATE_TOLERANCE[name], (name, adapter)
 
 
 def test_bf16_base_with_fp32_lora_and_gradient_checkpointing(tmp_path):

@@ -53,6 +53,11 @@ class BucketedGradientAverager:
         self._next_to_launch = 0
         self.buckets_launched_during_backward = 0  # diagnostics (and a test): overlap really happens
 
+    @property
+    def num_buckets(self) -> int:
+        """Buckets of the last synchronised backward."""
+        return len(self._buckets)
+
     # -------------------------------------------------------------- layout
     def _layout(self, params: list[torch.nn.Parameter]) -> list[_Bucket]:
         """Buckets for this parameter list, built once: in reverse order, because backward produces

@@ -70,7 +70,7 @@ def main(out: Path) -> None:
         final = {a: trainer.roles.state_dict(a) for a in ("student", "fake")}
         torch.save({"initial": initial, "final": final, "applied": applied, "segments": segments,
                     "scalers": {a: s.state_dict() for a, s in trainer.scalers.items()},
-                    "buckets": len(trainer.gradient_averager._buckets),
+                    "buckets": trainer.gradient_averager.num_buckets,
                     "launched_during_backward": trainer.gradient_averager.buckets_launched_during_backward},
                    folder / f"rank{rank}.pt")
         accelerator.wait_for_everyone()

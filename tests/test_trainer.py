@@ -166,7 +166,8 @@ def test_two_cpu_processes_over_gloo_average_gradients_like_one_process_with_twi
         ranks = [torch.load(tmp_path / name / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
         for adapter in ("student", "fake"):
             for when in ("initial", "final"):  # one model in two processes, from the start
-                torch.testing.assert_close(_flat(ranks[0][when][adapter]), _flat(ranks[1][when][adapter]), rtol=0, atol=0)
+                torch.testing.assert_close(_flat(ranks[0][when][adapter]), _flat(ranks[1][when][adapter]),
+                                           rtol=0, atol=0)
             assert _relative(_flat(ranks[0]["final"][adapter]), _flat(ranks[0]["initial"][adapter])) > 0
         assert ranks[0]["scalers"] == ranks[1]["scalers"]
         assert ranks[0]["buckets"] > 1 and ranks[0]["launched_during_backward"] >= 1  # overlapped with backward
@@ -330,8 +331,9 @@ def test_resume_with_accumulation_and_fp16_scalers_continues_exactly(tmp_path):
     straight = trainer_for(tmp_path / "straight", max_train_steps=2)
     straight.train(progress=False)
     trainer_for(tmp_path / "resumed", max_train_steps=1, checkpointing_steps=1).train(progress=False)
+    # default scalers here: the checkpoint's growth interval and scale must win
     resumed = make_trainer(tmp_path / "resumed", max_train_steps=2, gradient_accumulation_steps=2,
-                           mixed_precision="fp16", resume_from_checkpoint="latest")  # the checkpoint's growth interval wins
+                           mixed_precision="fp16", resume_from_checkpoint="latest")
     resumed.train(progress=False)
     assert resumed.step == 2
     for adapter in ("student", "fake"):

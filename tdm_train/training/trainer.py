@@ -59,7 +59,7 @@ class TrainConfig:
     lora_rank: int = 32  # the authors' own TDM-R1 LoRA: r 32, alpha 64
     lora_alpha: float = 64.0
     lora_target_modules: tuple[str, ...] | None = None  # None: the backend's default
-    mixed_precision: str = "no"  # "no", "fp16", "bf16": the frozen base's dtype; LoRA stays fp32; fp16 adds loss scaling
+    mixed_precision: str = "no"  # "no", "fp16", "bf16": the frozen base's dtype; LoRA fp32; fp16 scales losses
     gradient_checkpointing: bool = False
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None

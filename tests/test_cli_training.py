@@ -85,6 +85,7 @@ def test_pixart_and_cogvideox_runs(pipelines, prompts, tmp_path, backbone, extra
     (["--student_timesteps", "899,674,449,224", "--num_steps", "2"], "does not match"),
     (["--mixed_precision", "fp8"], "invalid choice"),
     (["--max_train_steps", "0"], "max_train_steps"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1"),
 ])
 def test_bad_settings_fail_before_models_load(pipelines, prompts, tmp_path, args, message):
     result = run("--pretrained_teacher_model", pipelines["sdxl"], "--prompts", prompts, "--output_dir",
@@ -134,7 +135,8 @@ def test_yaml_config_values_and_help_lists_every_flag(tmp_path):
                  "--lora_target_modules", "--resolution", "--frames", "--checkpointing_steps",
                  "--checkpoints_total_limit", "--resume_from_checkpoint", "--validation_steps", "--report_to",
                  "--seed", "--student_timesteps", "--num_steps", "--total_steps", "--real_guidance_scale",
-                 "--tau_mode", "--loss", "--fake_updates_per_generator", "--config", "--backbone"):
+                 "--tau_mode", "--loss", "--fake_updates_per_generator", "--config", "--backbone",
+                 "--gradient_accumulation_steps", "--ddp_bucket_cap_mb"):
         assert flag in help_text, flag
 
 
@@ -154,3 +156,15 @@ def test_tensorboard_gets_losses_and_validation_images(pipelines, prompts, tmp_p
             "importance_weight_mean"} <= set(events.Tags()["scalars"])
     assert events.Tags()["images"] == ["validation/student_top_teacher_bottom"]
     assert len(events.Scalars("generator_loss")) == 2
+
+
+def test_accumulation_precision_and_bucket_flags_reach_the_training_config(pipelines, prompts):
+    from tdm_train.training.run import check_args
+
+    args = parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]), "--prompts", str(prompts),
+                       "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16", "--ddp_bucket_cap_mb", "50"])
+    _, _, config = check_args(args)
+    assert (config.gradient_accumulation_steps, config.mixed_precision, config.ddp_bucket_cap_mb) == (4, "fp16", 50.0)
+    _, _, defaults = check_args(parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]),
+                                            "--prompts", str(prompts)]))
+    assert (defaults.gradient_accumulation_steps, defaults.ddp_bucket_cap_mb) == (1, 25.0)

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prompts", default=None, help=".txt (one per line), .jsonl (text field) or .csv file")
     train.add_argument("--prompt_column", default=None, help="field / column of .jsonl / .csv prompts (default text, "
                                                              "prompt or caption)")
-    train.add_argument("--train_batch_size", type=int, default=1)
+    train.add_argument("--train_batch_size", type=int, default=1, help="per process and micro-batch")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="micro-batches (each with its own rollout) per update of either adapter: one step trains "
+                            "on train_batch_size * this * processes samples")
     train.add_argument("--max_train_steps", type=int, default=500)
     train.add_argument("--learning_rate", type=float, default=2e-5, help="fake-score learning rate (default 2e-5)")
     train.add_argument("--generator_lr_ratio", type=float, default=0.2,
@@ -80,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name for the student")
     train.add_argument("--lr_warmup_steps", type=int, default=0)
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                       help="dtype of the frozen base; LoRA weights and optimizer states stay fp32")
+                       help="dtype of the frozen base; LoRA weights and optimizer states stay fp32. bf16 is "
+                            "recommended; fp16 adds dynamic loss scaling (one GradScaler per adapter)")
+    train.add_argument("--ddp_bucket_cap_mb", type=float, default=25.0,
+                       help="several processes: gradient bucket size (MB) all-reduced during backward (default 25)")
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--lora_rank", type=int, default=32, help="default 32 (the authors' TDM-R1 LoRA)")
     train.add_argument("--lora_alpha", type=float, default=64.0, help="default 64 (scale alpha/rank = 2, as TDM-R1)")

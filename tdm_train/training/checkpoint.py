@@ -1,5 +1,5 @@
-"""Training checkpoints that resume exactly: both adapters, both optimizers and LR schedulers,
-every process's RNG, the step and the config, written atomically (temp dir + rename) and rotated.
+"""Training checkpoints that resume exactly: both adapters, both optimizers, LR schedulers and
+fp16 loss scalers, every process's RNG, the step and the config, written atomically (temp dir + rename) and rotated.
 
 The official demo saves only the student and restores no weights, so a resumed run silently
 restarts from the teacher; here a resumed run continues bit for bit (a test holds us to it).
@@ -56,8 +56,10 @@ def rotate(output_dir: str | Path, total_limit: int | None) -> list[Path]:
     return removed
 
 
-def write_shared(tmp_dir: Path, adapters: dict, optimizers: dict, schedulers: dict, state: dict) -> None:
-    """The parts every process shares (written by the main process)."""
+def write_shared(tmp_dir: Path, adapters: dict, optimizers: dict, schedulers: dict, state: dict,
+                 scalers: dict | None = None) -> None:
+    """The parts every process shares (written by the main process). ``scalers``: the fp16
+    GradScalers (a disabled one has an empty state and is not written)."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     for name, tensors in adapters.items():
         atomic.save_safetensors(tensors, tmp_dir / f"{name}.safetensors")
@@ -65,6 +67,9 @@ def write_shared(tmp_dir: Path, adapters: dict, optimizers: dict, schedulers: di
         atomic.torch_save(optimizer.state_dict(), tmp_dir / f"optimizer_{name}.pt")
     for name, scheduler in schedulers.items():
         atomic.torch_save(scheduler.state_dict(), tmp_dir / f"scheduler_{name}.pt")
+    for name, scaler in (scalers or {}).items():
+        if scaler.is_enabled():
+            atomic.torch_save(scaler.state_dict(), tmp_dir / f"scaler_{name}.pt")
     (tmp_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
 
@@ -96,5 +101,7 @@ def load(path: Path, rank: int) -> dict:
         "adapters": {p.stem: load_file(str(p)) for p in path.glob("*.safetensors")},
         "optimizers": {name: torch.load(path / f"optimizer_{name}.pt", weights_only=True) for name in ("student", "fake")},
         "schedulers": {name: torch.load(path / f"scheduler_{name}.pt", weights_only=True) for name in ("student", "fake")},
+        "scalers": {name: torch.load(path / f"scaler_{name}.pt", weights_only=True)
+                    for name in ("student", "fake") if (path / f"scaler_{name}.pt").is_file()},
         "rng": torch.load(rng_file, weights_only=True),
     }

@@ -40,6 +40,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
         output_dir=args.output_dir or "outputs/tdm",
         max_train_steps=args.max_train_steps,
         train_batch_size=args.train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
         generator_lr_ratio=args.generator_lr_ratio,
         adam_beta1=args.adam_beta1,
@@ -59,6 +60,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
         seed=args.seed,
         fake_updates_per_generator=args.fake_updates_per_generator,
         max_nonfinite_in_a_row=args.max_nonfinite_in_a_row,
+        ddp_bucket_cap_mb=args.ddp_bucket_cap_mb,
         tdm=tdm,
     )
     logger.info("TDM %s: %d prompts, grid %s, teacher guidance %g (%s)", backbone, len(prompts), grid,

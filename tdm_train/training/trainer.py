@@ -2,14 +2,24 @@
 
 One base network carries both LoRA adapters (roles.py); each iteration runs the TDM_SPEC
 iteration from the core (distill.py): ``fake_updates_per_generator`` fake-score updates, each on
-its own fresh rollout, then one generator update on the last rollout. Several processes train
-data-parallel: each draws its own batch, and the active adapter's gradients are averaged across
-processes by hand (one module with two adapters under DDP needs find_unused_parameters and
-still trips over the alternating updates; the LoRA gradients are small).
+its own fresh rollout, then one generator update on the last rollout. With
+``gradient_accumulation_steps`` N every update accumulates N micro-batches (each with its own
+rollout and draws), so one step trains on N * train_batch_size samples per process.
+
+Several processes train data-parallel: each draws its own batch, and the active adapter's
+gradients are averaged across processes during backward by bucketed asynchronous all-reduces
+(gradient_sync.py; one module with two adapters under DDP needs find_unused_parameters and still
+trips over the alternating updates).
+
+Precision: the frozen base runs in ``mixed_precision``'s dtype, the LoRA weights and optimizer
+states stay fp32. fp16 adds dynamic loss scaling (one GradScaler per adapter): without it the
+gradients that travel back through fp16 activations to the LoRA underflow at SDXL/CogVideoX
+sizes. bf16 has fp32's exponent range and needs no scaler (and is the recommended choice).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +31,7 @@ import torch
 from . import checkpoint as ckpt
 from ..backends.base import Backend, Condition, RoleFunction
 from ..distill import TDMConfig, TDMObjective
+from .gradient_sync import BucketedGradientAverager
 from .roles import AdapterRoles, lora_config
 
 logger = logging.getLogger("tdm_train")
@@ -34,7 +45,8 @@ class TrainingStopped(RuntimeError):
 class TrainConfig:
     output_dir: str = "outputs/tdm"
     max_train_steps: int = 500
-    train_batch_size: int = 1
+    train_batch_size: int = 1  # per process and micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per update (per adapter)
     learning_rate: float = 2e-5  # the fake score's; the student's is learning_rate * generator_lr_ratio
     generator_lr_ratio: float = 0.2  # demo: lr / 5 (paper PixArt: 1/10)
     adam_beta1: float = 0.0
@@ -47,7 +59,7 @@ class TrainConfig:
     lora_rank: int = 32  # the authors' own TDM-R1 LoRA: r 32, alpha 64
     lora_alpha: float = 64.0
     lora_target_modules: tuple[str, ...] | None = None  # None: the backend's default
-    mixed_precision: str = "no"  # "no", "fp16", "bf16": the frozen base's dtype; LoRA stays fp32
+    mixed_precision: str = "no"  # "no", "fp16", "bf16": the frozen base's dtype; LoRA fp32; fp16 scales losses
     gradient_checkpointing: bool = False
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None
@@ -55,6 +67,7 @@ class TrainConfig:
     seed: int = 0
     fake_updates_per_generator: int = 1  # TTUR
     max_nonfinite_in_a_row: int = 5
+    ddp_bucket_cap_mb: float = 25.0  # size of the gradient buckets all-reduced during backward (DDP's default)
     tdm: TDMConfig = field(default_factory=TDMConfig)
 
     def __post_init__(self):
@@ -63,6 +76,10 @@ class TrainConfig:
             problems.append("--max_train_steps must be >= 1")
         if self.train_batch_size < 1:
             problems.append("--train_batch_size must be >= 1")
+        if self.gradient_accumulation_steps < 1:
+            problems.append("--gradient_accumulation_steps must be >= 1")
+        if self.ddp_bucket_cap_mb <= 0:
+            problems.append("--ddp_bucket_cap_mb must be > 0")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.fake_updates_per_generator < 1:
@@ -102,24 +119,17 @@ class SingleProcess:
         pass
 
 
-def _all_reduce_mean(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average the gradients of ``params`` over every process (one flat all-reduce)."""
-    if world_size == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
 def _finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss).all())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _mean_stats(stats: list[dict]) -> dict:
+    """Per-micro-batch statistics averaged (the micro-batches are of equal size)."""
+    return {key: _mean([s[key] for s in stats]) for key in stats[0]}
 
 
 class TDMTrainer:
@@ -172,11 +182,17 @@ class TDMTrainer:
                                      num_warmup_steps=config.lr_warmup_steps, num_training_steps=config.max_train_steps),
             "fake": get_scheduler("constant", self.optimizers["fake"]),  # the fake score runs at a constant rate
         }
+        # fp16: dynamic loss scaling per adapter (each has its own gradient range). Disabled scalers
+        # (bf16, fp32) pass losses and steps straight through, so the loop below has one shape.
+        self.scalers = {adapter: torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
+                        for adapter in ("student", "fake")}
+        self.gradient_averager = BucketedGradientAverager(self.world_size, config.ddp_bucket_cap_mb)
         # all randomness of the loop (batches, noise, k, tau, z) comes from this per-process generator
         self.generator = torch.Generator().manual_seed(config.seed + 1000 * self.rank)
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+        self.scaler_skipped_total = 0  # fp16 updates skipped for overflowing scaled gradients
         self.history: list[dict] = []
         self.last_samples: torch.Tensor | None = None
 
@@ -204,51 +220,94 @@ class TDMTrainer:
         noise = torch.randn(self.backend.latent_shape(self.config.train_batch_size), generator=self.generator)
         return noise.to(self.device), cond, self.backend.unconditional(cond)
 
-    def _apply(self, loss: torch.Tensor, adapter: str, clip: float | None) -> float | None:
-        """Backward, average over processes, clip, step. Returns the grad norm, or None when the
-        loss was not finite (then nothing is applied)."""
-        optimizer = self.optimizers[adapter]
-        params = self._fake_parameters() if adapter == "fake" else self.roles.parameters(adapter)
-        loss.backward()
-        _all_reduce_mean(params, self.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
-        if not torch.isfinite(grad_norm):
+    def _parameters(self, adapter: str) -> list[torch.nn.Parameter]:
+        return self._fake_parameters() if adapter == "fake" else self.roles.parameters(adapter)
+
+    def _accumulate(self, loss: torch.Tensor, adapter: str, last: bool, healthy: bool) -> bool:
+        """Backward of one micro-batch's loss into the adapter's gradients. Returns whether the
+        update is still healthy: a non-finite loss on any process (all agree: ``_reduce``) poisons
+        the whole update, and nothing more is backpropagated into it. The losses are batch means,
+        so each micro-batch adds loss / N: N micro-batches of B give the gradient of one batch of
+        N * B. Only the last micro-batch's backward averages over processes (DDP's no_sync)."""
+        finite = _finite(self._reduce(loss))
+        if not (healthy and finite):
+            return False
+        scaled = self.scalers[adapter].scale(loss / self.config.gradient_accumulation_steps)
+        averaging = self.gradient_averager.averaging(self._parameters(adapter)) if last else contextlib.nullcontext()
+        with averaging:
+            scaled.backward()
+        return True
+
+    def _step(self, adapter: str, clip: float | None, healthy: bool) -> tuple[float | None, bool]:
+        """Unscale, clip, step the adapter's optimizer. Returns (grad norm or None when nothing was
+        applied, whether the fp16 scaler skipped the step for overflowing gradients). Without a
+        scaler a non-finite gradient is skipped here and counts as a non-finite step."""
+        optimizer, scaler = self.optimizers[adapter], self.scalers[adapter]
+        if not healthy:
             optimizer.zero_grad(set_to_none=True)
-            return None
-        optimizer.step()
+            return None, False
+        scaler.unscale_(optimizer)  # before clipping: the threshold is on true gradients
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._parameters(adapter), clip if clip else float("inf"))
+        if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            return None, False
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)  # skipped when unscale_ found inf/NaN gradients
+        scaler.update()  # ... and then the scale is lowered: that is how we know (as accelerate does)
         optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        overflow = scaler.is_enabled() and scaler.get_scale() < scale_before
+        return (None if overflow else float(grad_norm)), overflow
 
     def train_step(self) -> dict:
         cfg = self.config
         log: dict = {}
-        nonfinite = False
+        nonfinite = overflow = False
         for _ in range(cfg.fake_updates_per_generator):
-            noise, cond, uncond = self._batch()
-            with self.roles.use("student"):
-                trajectory = self.objective.rollout(self.student, noise, cond, self.generator)
-            self.last_samples = trajectory.sample  # the student's current x0 (previews)
+            # the generator update below reuses the last round's micro-batches (their rollouts are the
+            # current student's: the fake update does not change it)
+            micro_batches, fake_losses, fake_stats = [], [], []
+            healthy = True
+            for i in range(cfg.gradient_accumulation_steps):
+                noise, cond, uncond = self._batch()
+                with self.roles.use("student"):
+                    trajectory = self.objective.rollout(self.student, noise, cond, self.generator)
+                micro_batches.append((cond, uncond, trajectory))
+                with self.roles.use("fake"):
+                    fake_loss, stats = self.objective.fake_score_loss(self.fake, trajectory, cond, self.generator)
+                    healthy = self._accumulate(fake_loss, "fake", i == cfg.gradient_accumulation_steps - 1, healthy)
+                fake_losses.append(float(fake_loss.detach()))
+                fake_stats.append(stats)
             with self.roles.use("fake"):
-                fake_loss, stats = self.objective.fake_score_loss(self.fake, trajectory, cond, self.generator)
-                fake_ok = _finite(self._reduce(fake_loss))
-                norm = self._apply(fake_loss, "fake", None) if fake_ok else None
-                if norm is None:
-                    self.optimizers["fake"].zero_grad(set_to_none=True)
-                    nonfinite = True
-            log.update(fake_loss=float(fake_loss.detach()), fake_grad_norm=norm, **stats)
+                norm, skipped = self._step("fake", None, healthy)
+            nonfinite |= not healthy or (norm is None and not skipped)
+            overflow |= skipped
+            self.last_samples = trajectory.sample  # the student's current x0 (previews)
+            log.update(fake_loss=_mean(fake_losses), fake_grad_norm=norm, **_mean_stats(fake_stats))
+        gen_losses, gen_stats = [], []
         with self.roles.use("student"):
-            gen_loss, stats = self.objective.generator_loss(
-                self.student, self.teacher, self.fake, trajectory, cond, uncond, self.generator)
-            gen_ok = _finite(self._reduce(gen_loss))
-            norm = self._apply(gen_loss, "student", cfg.max_grad_norm) if gen_ok else None
-            if norm is None:
-                self.optimizers["student"].zero_grad(set_to_none=True)
-                nonfinite = True
+            healthy = True
+            for i, (cond, uncond, trajectory) in enumerate(micro_batches):
+                gen_loss, stats = self.objective.generator_loss(
+                    self.student, self.teacher, self.fake, trajectory, cond, uncond, self.generator)
+                healthy = self._accumulate(gen_loss, "student", i == len(micro_batches) - 1, healthy)
+                gen_losses.append(float(gen_loss.detach()))
+                gen_stats.append(stats)
+            norm, skipped = self._step("student", cfg.max_grad_norm, healthy)
+        nonfinite |= not healthy or (norm is None and not skipped)
+        overflow |= skipped
         self.schedulers["student"].step()
         self.schedulers["fake"].step()
-        log.update(generator_loss=float(gen_loss.detach()), generator_grad_norm=norm, lr=self.schedulers["student"].get_last_lr()[0],
-                   **stats)
+        log.update(generator_loss=_mean(gen_losses), generator_grad_norm=norm,
+                   lr=self.schedulers["student"].get_last_lr()[0], **_mean_stats(gen_stats))
         self.step += 1
+        if overflow:
+            # dynamic loss scaling calibrating itself (or a transient spike): the scale was lowered and
+            # the update skipped. Normal in fp16, so it never counts towards the non-finite stop.
+            self.scaler_skipped_total += 1
+            log["skipped_scaler_overflow"] = True
+        for adapter, scaler in self.scalers.items():
+            if scaler.is_enabled():
+                log[f"loss_scale_{adapter}"] = scaler.get_scale()
         if nonfinite:
             self.nonfinite_total += 1
             self.nonfinite_in_a_row += 1
@@ -295,14 +354,15 @@ class TDMTrainer:
 
                 shutil.rmtree(tmp)
             state = {"step": self.step, "nonfinite_total": self.nonfinite_total,
-                     "nonfinite_in_a_row": self.nonfinite_in_a_row, "world_size": self.world_size,
+                     "nonfinite_in_a_row": self.nonfinite_in_a_row, "scaler_skipped_total": self.scaler_skipped_total,
+                     "world_size": self.world_size,
+                     "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
                      "timesteps": self.objective.timesteps, "backend": self.backend.name,
                      "config": self.config.to_json()}
             adapters = {a: self.roles.state_dict(a) for a in ("student", "fake")}
             if self.step_embedding is not None:
                 adapters["fake_step_embedding"] = {k: v.detach().clone() for k, v in self.step_embedding.state_dict().items()}
-            ckpt.write_shared(tmp, adapters,
-                              self.optimizers, self.schedulers, state)
+            ckpt.write_shared(tmp, adapters, self.optimizers, self.schedulers, state, self.scalers)
         self.accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, self.rank, self.generator)
         self.accelerator.wait_for_everyone()
@@ -318,6 +378,10 @@ class TDMTrainer:
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} processes; resume with the same number "
                              f"(now {self.world_size})")
+        accumulation = state.get("gradient_accumulation_steps", 1)
+        if accumulation != self.config.gradient_accumulation_steps:
+            raise ValueError(f"{path} was trained with --gradient_accumulation_steps {accumulation}; resume with the "
+                             f"same (now {self.config.gradient_accumulation_steps}) to continue exactly")
         if state.get("timesteps") != self.objective.timesteps:
             raise ValueError(f"{path} trained on timesteps {state.get('timesteps')}, this run uses "
                              f"{self.objective.timesteps}; resume with the same grid")
@@ -330,6 +394,9 @@ class TDMTrainer:
             self.roles.load_state_dict(adapter, {k: v.to(self.device) for k, v in data["adapters"][adapter].items()})
             self.optimizers[adapter].load_state_dict(data["optimizers"][adapter])
             self.schedulers[adapter].load_state_dict(data["schedulers"][adapter])
+            scaler_state = data["scalers"].get(adapter)
+            if self.scalers[adapter].is_enabled() and scaler_state:  # else a fresh scale calibrates itself
+                self.scalers[adapter].load_state_dict(scaler_state)
         if self.step_embedding is not None:
             if "fake_step_embedding" not in data["adapters"]:
                 raise ValueError(f"{path} has no step embedding: it was not a unify_steps run")
@@ -339,6 +406,7 @@ class TDMTrainer:
         self.step = state["step"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+        self.scaler_skipped_total = state.get("scaler_skipped_total", 0)
 
     # -------------------------------------------------------------- the loop
     def train(self, progress: bool = True, on_step=None) -> dict:
@@ -371,7 +439,8 @@ class TDMTrainer:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
-        summary = {"step": self.step, "nonfinite_total": self.nonfinite_total}
+        summary = {"step": self.step, "nonfinite_total": self.nonfinite_total,
+                   "scaler_skipped_total": self.scaler_skipped_total}
         if self.accelerator.is_main_process:
             (self.output_dir / "train_history.json").write_text(json.dumps(self.history, indent=1))
             summary["lora_files"] = [str(p) for p in self.export_lora()]

@@ -21,6 +21,7 @@ CATEGORY = "training/TDM"
 NO_FILE = "(none)"
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # TrainConfig's names
 DEFAULT_PROMPTS = ("a photograph of an astronaut riding a horse\n"
                    "a watercolor painting of a fox in a snowy forest\n"
                    "a portrait of an old fisherman, dramatic light\n"
@@ -207,7 +208,9 @@ class TDMTrainLoRA(io.ComfyNode):
                              learning_rate=fake_learning_rate,
                              generator_lr_ratio=generator_learning_rate / fake_learning_rate, lora_rank=lora_rank,
                              lora_alpha=lora_alpha, checkpointing_steps=checkpoint_every, seed=seed,
-                             resume_from_checkpoint="latest" if resume else None, tdm=tdm)
+                             resume_from_checkpoint="latest" if resume else None, tdm=tdm,
+                             # fp16 turns on the trainer's loss scaling (the dtype itself is set on the patcher)
+                             mixed_precision=MIXED_PRECISION[training_dtype])
         student, lora_state, history = train_in_comfyui(model, clip, texts, negative_prompt, width, height, config,
                                                          DTYPES[training_dtype], gradient_checkpointing, lora_path)
         summary = (f"{lora_path.name}: {config.max_train_steps} steps on {len(texts)} prompts, "

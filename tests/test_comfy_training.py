@@ -202,7 +202,21 @@ def _run_train_node(training, monkeypatch, tmp_path, family, **widgets):
 
     monkeypatch.setattr(training, "train_in_comfyui", recorded)
     output = training.TDMTrainLoRA.execute(model=_comfy_model(family), clip=None, **values)
+    _run_train_node.last_config = seen["config"]
     return seen["config"].tdm.guidance_scale, output.ui.value
+
+
+@pytest.mark.parametrize(("dtype", "precision", "scaled"), [("fp16", "fp16", True), ("bf16", "bf16", False),
+                                                            ("fp32", "no", False)])
+def test_train_node_fp16_gets_the_trainers_loss_scaling(pack, stubs, tmp_path, monkeypatch, dtype, precision, scaled):
+    training = _submodule(pack, "training")
+    folder_paths = stubs["folder_paths"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path / "loras")], set()))
+    monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
+    _run_train_node(training, monkeypatch, tmp_path, "sdxl", training_dtype=dtype)
+    config = _run_train_node.last_config
+    assert config.mixed_precision == precision
+    assert (config.mixed_precision == "fp16") is scaled  # TDMTrainer enables its GradScalers for fp16 only
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd15", "pixart"])

@@ -77,16 +77,30 @@ def count_forwards(models) -> tuple[list, list]:
     return calls, handles
 
 
+def pixart(args):
+    """tiny_pixart_transformer, or its config with more attention heads (``--heads``: wider layers,
+    same depth), to see how the fixed per-module costs weigh as the layers grow."""
+    model = tiny_pixart_transformer(args.sample_size)
+    if args.heads and args.heads != model.config.num_attention_heads:
+        from diffusers import PixArtTransformer2DModel
+
+        torch.manual_seed(0)
+        inner = args.heads * model.config.attention_head_dim
+        model = PixArtTransformer2DModel.from_config({**model.config, "num_attention_heads": args.heads,
+                                                      "cross_attention_dim": inner}).eval()
+    return model
+
+
 def build(args, tmp: str):
     bank, negative = conditions()
     tdm = TDMConfig(num_steps=4, total_steps=900, tau_mode="separate", mid_point="demo", guidance_scale=4.5,
                     generator_loss="huber_elementwise", importance_weighting=True, snr_gamma=5.0)
     config = TrainConfig(output_dir=tmp, max_train_steps=10 ** 6, train_batch_size=args.batch, lora_rank=args.rank,
                          lora_alpha=args.rank, mixed_precision="no", checkpointing_steps=10 ** 6, tdm=tdm)
-    backend = PixArtBackend(tiny_pixart_transformer(args.sample_size), PIXART_SCHEDULER_CONFIG, negative,
+    backend = PixArtBackend(pixart(args), PIXART_SCHEDULER_CONFIG, negative,
                             resolution=args.sample_size * 8)
     ours = TDMTrainer(backend, bank, config)
-    official = OfficialDemoLayout(tiny_pixart_transformer(args.sample_size), pixart_eps,
+    official = OfficialDemoLayout(pixart(args), pixart_eps,
                                   backend.schedule.alphas_cumprod, backend.latent_shape(1)[1:], bank, negative,
                                   total_steps=900, num_steps=4, guidance_scale=4.5, huber=True, separate=True)
     return ours, official
@@ -98,6 +112,8 @@ def instrument_ours(trainer: TDMTrainer, timers: Timers) -> None:
     activate = roles.activate
 
     def timed_activate(role):
+        if role != roles.role:
+            timers.calls["effective role switches"] += 1
         with timers("role switching (roles.activate)"):
             activate(role)
 
@@ -126,6 +142,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--sample-size", type=int, default=8, help="latent side (8: 64 px, the tests' model)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (tiny model: 3, 8 dims each)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank of ours (the tiny model is 24 wide)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -170,8 +187,9 @@ def main() -> int:
     wall_ratio = med["ours"] / med["official"]
     flop_ratio = flops_ours / flops_official
     n = args.rounds
+    width = official.teacher.config.num_attention_heads * official.teacher.config.attention_head_dim
     print(f"TDM iteration, tiny PixArt-alpha transformer ({sum(p.numel() for p in official.teacher.parameters()):,} "
-          f"params), latents {args.sample_size}x{args.sample_size}, batch {args.batch}, fp32, "
+          f"params, width {width}), LoRA rank {args.rank}, latents {args.sample_size}x{args.sample_size}, batch {args.batch}, fp32, "
           f"{args.threads} thread(s), {n} interleaved rounds\n")
     print("| per iteration | ours (TDMTrainer, one base + 2 LoRA) | official demo layout (3 full models) | ours / official |")
     print("|---|---:|---:|---:|")
@@ -192,7 +210,8 @@ def main() -> int:
     for phase in phases:
         print(f"| {phase} | {timers_ours.seconds[phase] / n * 1e3:.1f} | {timers_official.seconds[phase] / n * 1e3:.1f} |")
     switch = "role switching (roles.activate)"
-    print(f"| role switching: all roles.activate calls ({timers_ours.calls[switch] / n:.0f}; inside and between the phases) | "
+    print(f"| role switching: all roles.activate calls ({timers_ours.calls[switch] / n:.0f}, of which "
+          f"{timers_ours.calls['effective role switches'] / n:.0f} change the role; inside and between the phases) | "
           f"{timers_ours.seconds[switch] / n * 1e3:.1f} | - |")
     other_ours = mean["ours"] - sum(timers_ours.seconds[p] for p in phases) / n
     other_official = mean["official"] - sum(timers_official.seconds[p] for p in phases) / n

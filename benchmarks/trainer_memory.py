@@ -55,6 +55,9 @@ SDXL_UNET = dict(
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
+# the wider LoRA target list of LCM-LoRA / DMD2 (tests/test_comfyui_integration.py checks its keys)
+WIDE_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 TEXT_TOKENS = 77
 POLICIES = {"bf16": "bf16 weights", "mixed": "fp32 + bf16 autocast"}
 

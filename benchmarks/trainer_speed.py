@@ -2,6 +2,7 @@
 transformer: wall time (interleaved rounds in one process), counted FLOPs, network forwards.
 
     PYTHONPATH=. .venv/bin/python benchmarks/trainer_speed.py [--rounds 30] [--sample-size 8]
+    PYTHONPATH=. .venv/bin/python benchmarks/trainer_speed.py --rounds 12 --heads 48 --rank 8   # 384 wide
 
 Ours: the real ``TDMTrainer.train_step`` (PixArt backend, peft roles over one fp32 base, two LoRA
 adapters). Official layout: benchmarks/official_layout.py, three full fp32 networks, the demo's
@@ -10,6 +11,9 @@ every student / fake parameter trained with AdamW. Both: batch 2, grid 899/674/4
 (T_s = 900, K = 4), demo mid point, separate tau intervals, CFG 4.5, element-wise Huber loss,
 importance weight and min-SNR-5, fp32, 1 thread. FLOPs: torch.utils.flop_counter.FlopCounterMode
 over one whole iteration of each (forward + backward; optimizer arithmetic is not counted).
+The tiny model (24 wide, 32K parameters) measures fixed per-module costs (peft's LoRA layers, role
+switches, Python dispatch) more than arithmetic; ``--heads`` widens its layers (same depth) to show
+where those costs stop mattering. Phases are timed from outside the trainer (instance wrappers).
 """
 
 from __future__ import annotations

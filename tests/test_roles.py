@@ -95,6 +95,7 @@ def test_the_trap_is_real_without_role_restoration(checkpointing):
                         f_fake = backend.x0(x_t, t, cond)
             torch.testing.assert_close(f_teacher, f_teacher_ref)  # the roles really switched ...
             torch.testing.assert_close(f_fake, f_fake_ref)  # ... so the target is the reference's
+            assert min(float((a - b).abs().max()) for a, b in ((x0, f_teacher), (x0, f_fake), (f_teacher, f_fake))) > 1e-4
             assert roles.role == ("fake" if mode == "naive" else "student")
             ((x0 - (x0.detach() + f_teacher - f_fake)) ** 2).mean().backward()
         grads[mode] = _student_grads(roles)
@@ -172,3 +173,23 @@ def test_role_names_and_adapter_parameters():
     assert state and all(".fake." not in k for k in state)
     roles.load_state_dict("student", state)
     torch.testing.assert_close(roles.state_dict("student")[next(iter(state))], state[next(iter(state))])
+
+
+def test_the_trainer_seeds_the_adapters_from_its_config(tmp_path):
+    """TDMTrainer's LoRA initialisation is a function of config.seed alone, whatever state the
+    global RNG is in when the trainer is built."""
+    from test_trainer import tiny_conditions
+
+    from tdm_train.training.trainer import SingleProcess, TDMTrainer, TrainConfig
+
+    def initial(global_seed, seed):
+        unet = tiny_sdxl_unet()
+        torch.manual_seed(global_seed)
+        config = TrainConfig(output_dir=str(tmp_path), lora_rank=4, lora_alpha=4, seed=seed)
+        trainer = TDMTrainer(SDXLBackend(unet, SDXL_SCHEDULER_CONFIG, resolution=64), tiny_conditions(), config,
+                             SingleProcess("cpu"))
+        return {f"{a}.{k}": v for a in ("student", "fake") for k, v in trainer.roles.state_dict(a).items()}
+
+    a, b, c = initial(0, 7), initial(1, 7), initial(0, 8)
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -95,7 +95,8 @@ def test_the_trap_is_real_without_role_restoration(checkpointing):
                         f_fake = backend.x0(x_t, t, cond)
             torch.testing.assert_close(f_teacher, f_teacher_ref)  # the roles really switched ...
             torch.testing.assert_close(f_fake, f_fake_ref)  # ... so the target is the reference's
-            assert min(float((a - b).abs().max()) for a, b in ((x0, f_teacher), (x0, f_fake), (f_teacher, f_fake))) > 1e-4
+            pairs = ((x0.detach(), f_teacher), (x0.detach(), f_fake), (f_teacher, f_fake))
+            assert min(float((a - b).abs().max()) for a, b in pairs) > 1e-4  # the three roles really differ
             assert roles.role == ("fake" if mode == "naive" else "student")
             ((x0 - (x0.detach() + f_teacher - f_fake)) ** 2).mean().backward()
         grads[mode] = _student_grads(roles)

@@ -63,6 +63,8 @@ class TDMConfig:
             raise ValueError(f"tau_mode must be one of {obj.TAU_MODES}, got {self.tau_mode!r}")
         if self.mid_point not in obj.MID_POINTS:
             raise ValueError(f"mid_point must be one of {obj.MID_POINTS}, got {self.mid_point!r}")
+        if self.mid_point == "demo" and self.timesteps is not None:
+            _check_uniform_for_demo_mid_point(tuple(self.timesteps))
         if self.generator_loss not in obj.GENERATOR_LOSSES:
             raise ValueError(f"generator_loss must be one of {obj.GENERATOR_LOSSES}, got {self.generator_loss!r}")
         if self.guidance_scale < 1.0:
@@ -78,6 +80,27 @@ class TDMConfig:
             grid = self.grid(num_train_timesteps)
             return {len(grid): grid}
         return {k: tdm_timesteps(k, self.total_steps, num_train_timesteps=num_train_timesteps) for k in self.unify_steps}
+
+
+def _check_uniform_for_demo_mid_point(timesteps: tuple[int, ...]) -> None:
+    """The demo's mid point s = t_k - (T_s // K - 1) is defined on a uniform grid only: the grid
+    must equal t_k = k * T_s // K - 1 (k = K..1) for some T_s, and then T_s = t_K + 1. There s lies
+    in [t_{k-1}, t_k) (the demo's 675/450/225/0 on 899/674/449/224); elsewhere it can fall below
+    the next grid point (999,856,665,399: s = 750 at 999, below 856), which TDM_SPEC leaves
+    undefined."""
+    grid = [int(t) for t in timesteps]
+    steps, total = len(grid), grid[0] + 1
+    uniform = [k * total // steps - 1 for k in range(steps, 0, -1)]
+    if grid == uniform:
+        return
+    offset = total // steps - 1
+    below = [(t, max(t - offset, 0), nxt) for t, nxt in zip(grid, grid[1:] + [0]) if max(t - offset, 0) < nxt]
+    where = (f": at t = {below[0][0]} it lands on s = {below[0][1]}, below the next grid point {below[0][2]}"
+             if below else "")
+    raise ValueError(
+        f"mid_point 'demo' (s = t_k - (T_s/K - 1)) needs a uniform grid t_k = k*T_s//K - 1, and "
+        f"{grid} is not one (T_s = {total} gives {uniform}){where}. Use mid_point 'grid' (the default: s = the "
+        "next grid point), or the uniform grid (--num_steps/--total_steps instead of --student_timesteps)")
 
 
 @dataclass

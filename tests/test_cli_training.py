@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
+import peft  # noqa: F401
+import transformers  # noqa: F401
 
 from tdm_train.cli import parse_args  # noqa: E402
 from tdm_train.training.prompts import read_prompts  # noqa: E402
@@ -86,10 +86,12 @@ def test_pixart_and_cogvideox_runs(pipelines, prompts, tmp_path, backbone, extra
     (["--mixed_precision", "fp8"], "invalid choice"),
     (["--max_train_steps", "0"], "max_train_steps"),
     (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1"),
+    (["--mid_point", "demo", "--student_timesteps", "999,856,665,399"], "needs a uniform grid"),
 ])
 def test_bad_settings_fail_before_models_load(pipelines, prompts, tmp_path, args, message):
+    # a tiny, 1-step run after the flag under test: a check that regresses fails fast instead of training on
     result = run("--pretrained_teacher_model", pipelines["sdxl"], "--prompts", prompts, "--output_dir",
-                 tmp_path / "never", *args)
+                 tmp_path / "never", "--resolution", "64", "--max_train_steps", "1", *args)
     assert result.returncode == 2 and message in result.stderr
     assert not (tmp_path / "never" / "cache").exists()  # nothing was encoded
 
@@ -141,7 +143,6 @@ def test_yaml_config_values_and_help_lists_every_flag(tmp_path):
 
 
 def test_tensorboard_gets_losses_and_validation_images(pipelines, prompts, tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
@@ -168,3 +169,43 @@ def test_accumulation_precision_and_bucket_flags_reach_the_training_config(pipel
     _, _, defaults = check_args(parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]),
                                             "--prompts", str(prompts)]))
     assert (defaults.gradient_accumulation_steps, defaults.ddp_bucket_cap_mb) == (1, 25.0)
+
+
+def _lora(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def test_every_random_draw_follows_the_seed(pipelines, prompts, tmp_path):
+    """The same command twice writes the same LoRA, bit for bit, and a run stopped at step 2 then
+    resumed to step 3 writes the LoRA of the straight 3-step run. The denoiser has dropout (0.1 in
+    its resnets), so the global RNG is drawn from inside the loop too, not only the LoRA's
+    initialisation and the trainer's own generator."""
+    import shutil
+
+    teacher = tmp_path / "sdxl_dropout"
+    shutil.copytree(pipelines["sdxl"], teacher)
+    config_path = teacher / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "dropout": 0.1}))
+    out = tmp_path / "out"
+    args = ["--pretrained_teacher_model", teacher, "--prompts", prompts, "--output_dir", out, "--lora_rank", "4",
+            "--lora_alpha", "4", "--resolution", "64", "--real_guidance_scale", "2", "--seed", "3"]
+    results = {}
+    for name, extra in (("first", ["--max_train_steps", "3"]), ("second", ["--max_train_steps", "3"]),
+                        ("stopped", ["--max_train_steps", "2"]),
+                        ("resumed", ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])):
+        result = run(*args, *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[name] = _lora(out)
+        if name in ("first", "second"):  # the next command starts from nothing again (no cache, no checkpoint)
+            shutil.rmtree(out)
+    assert "resumed from" in result.stderr + result.stdout
+    first = results["first"]
+    assert first and all(v.abs().max() > 0 for k, v in first.items() if "lora_B" in k or "lora_up" in k)
+    for name in ("second", "resumed"):
+        assert results[name].keys() == first.keys()
+        diff = {k: float((results[name][k] - first[k]).abs().max()) for k in first}
+        worst = max(diff.values())
+        assert worst == 0.0, f"{name}: {sum(d > 0 for d in diff.values())} tensors differ, max {worst}"
+    assert any(not (results["stopped"][k] == first[k]).all() for k in first)  # step 3 did change the LoRA

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
-pytest.importorskip("peft")
+import sklearn  # noqa: F401
+import peft  # noqa: F401
 
 from tdm_train.demos.digits.classifier import CLASSIFIER_FILE, load_classifier  # noqa: E402
 from tdm_train.demos.digits.data import load_digits_tensors  # noqa: E402

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("peft")
-diffusers = pytest.importorskip("diffusers")
+import peft  # noqa: F401
+import diffusers
 
 from safetensors import safe_open  # noqa: E402
 from test_trainer import make_trainer  # noqa: E402

@@ -9,8 +9,8 @@ import pickle
 import pytest
 import torch
 
-pytest.importorskip("peft")
-diffusers = pytest.importorskip("diffusers")
+import peft  # noqa: F401
+import diffusers
 
 from export_helpers import ALPHA, RANK, TARGETS, TIMESTEPS, random_student_lora  # noqa: E402
 from safetensors import safe_open  # noqa: E402

@@ -229,3 +229,22 @@ def test_one_iteration_reuses_the_rollout_and_sends_grad_only_through_the_studen
         for t_k, tau_k in zip(t, tau):
             s = {899: 674, 674: 449, 449: 224, 224: 0}[t_k]
             assert max(20, s) <= tau_k < t_k - 10
+
+
+def test_demo_mid_point_needs_a_uniform_grid():
+    """mid_point 'demo' lands on t_k - (T_s // K - 1): on a uniform grid t_k = k*T_s//K - 1 (T_s =
+    t_K + 1) that lies in [t_{k-1}, t_k); on any other grid it is refused, saying where it lands."""
+    for grid in ((899, 674, 449, 224), (999, 749, 499, 249), (999, 665, 332), (9, 4), (500,)):
+        config = TDMConfig(mid_point="demo", timesteps=grid)
+        steps = torch.arange(len(grid))
+        mids = mid_timesteps(steps, grid, "demo", total_steps=grid[0] + 1).tolist()
+        assert all(nxt <= s < t for s, t, nxt in zip(mids, grid, list(grid[1:]) + [0])), (grid, mids)
+        assert TDMObjective(NoiseSchedule.from_diffusers_config(SDXL_SCHEDULER), config).timesteps == list(grid)
+    with pytest.raises(ValueError, match=r"uniform grid .*T_s = 1000 gives \[999, 749, 499, 249\].*"
+                                         r"at t = 999 it lands on s = 750, below the next grid point 856"):
+        TDMConfig(mid_point="demo", timesteps=(999, 856, 665, 399))
+    for grid in ((899, 650, 449, 224), (899, 674, 449, 200), (999, 750, 499, 249)):
+        with pytest.raises(ValueError, match="uniform grid"):
+            TDMConfig(mid_point="demo", timesteps=grid)
+    TDMConfig(mid_point="grid", timesteps=(999, 856, 665, 399))  # the default mid point takes any grid
+    TDMConfig(mid_point="demo", num_steps=3, total_steps=1000)  # the uniform grid by construction

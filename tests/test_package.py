@@ -73,6 +73,29 @@ def test_pyproject_registry_block_and_extras():
     assert "nodes*" not in meta["tool"]["setuptools"]["packages"]["find"]["include"]
 
 
+# import names of the distributions whose import name differs
+IMPORT_NAMES = {"scikit-learn": "sklearn", "onnx-graphsurgeon": "onnx_graphsurgeon", "pytest-timeout": "pytest_timeout",
+                "pillow": "PIL", "pyyaml": "yaml"}
+
+
+@pytest.mark.parametrize("requirement", _requirements() + tomllib.loads((ROOT / "pyproject.toml").read_text())[
+    "project"]["optional-dependencies"]["dev"])
+def test_runtime_and_dev_dependencies_are_installed_and_import(requirement):
+    """The tests import these plainly (no importorskip): a broken install fails here, by name, rather
+    than turning into skips. Only what CI cannot have (TensorRT, CUDA, a ComfyUI checkout) skips."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    req = Requirement(requirement)
+    try:
+        installed = version(req.name)
+    except PackageNotFoundError:
+        pytest.fail(f"{req.name} is not installed: pip install -e .[dev]")
+    assert req.specifier.contains(installed, prereleases=True), f"{req.name} {installed} does not satisfy {req}"
+    importlib.import_module(IMPORT_NAMES.get(req.name.lower(), req.name.lower().replace("-", "_")))
+
+
 def _load_install_py():
     spec = importlib.util.spec_from_file_location("tdm_install", ROOT / "install.py")
     module = importlib.util.module_from_spec(spec)

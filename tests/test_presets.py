@@ -74,7 +74,7 @@ def test_presets():
 
 
 def test_flow_sigmas_equal_diffusers_dpm_solver_flow_sigmas():
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     scheduler = diffusers.DPMSolverMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=6.0)
     scheduler.set_timesteps(4)

@@ -7,7 +7,7 @@ from test_presets import ComfyDiscreteModelSampling
 
 from tdm_train import NoiseSchedule, sample_tdm, tdm_sample, tdm_timesteps
 
-diffusers = pytest.importorskip("diffusers")
+import diffusers
 
 from tdm_train.tiny_models import SDXL_SCHEDULER_CONFIG, tiny_sdxl_conditioning, tiny_sdxl_unet  # noqa: E402
 

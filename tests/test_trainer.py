@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("peft")
-pytest.importorskip("accelerate")
+import peft  # noqa: F401
+import accelerate  # noqa: F401
 
 from tdm_train.training import checkpoint as ckpt  # noqa: E402
 from tdm_train.backends import SDXLBackend  # noqa: E402

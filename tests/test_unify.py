@@ -60,7 +60,7 @@ def test_unify_config_errors():
 
 
 def test_trainer_conditions_only_the_fake_on_k_and_resumes_it(tmp_path):
-    pytest.importorskip("peft")
+    import peft  # noqa: F401
     from test_trainer import make_trainer
 
     trainer = make_trainer(tmp_path, max_train_steps=2, tdm=TDMConfig(unify_steps=(1, 2, 4), guidance_scale=2.0))

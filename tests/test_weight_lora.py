@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-pytest.importorskip("diffusers")
+import diffusers  # noqa: F401
 
 from test_trainer import tiny_conditions  # noqa: E402
 
@@ -245,7 +245,6 @@ def test_use_restores_the_role_after_nesting_and_exceptions():
 
 # ----------------------------------------------------------------------------- peft parity
 def test_matches_peft_lora_outputs_and_gradients():
-    pytest.importorskip("peft")
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from tdm_train.training.roles import AdapterRoles, lora_config
@@ -410,7 +409,7 @@ def test_a_standalone_delta_reads_its_roles_object():
 
 # ----------------------------------------------------------------------------- the trainer
 def _trainer(output_dir, **overrides):
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401
     from tdm_train.distill import TDMConfig
     from tdm_train.training.trainer import TDMTrainer, TrainConfig
 

@@ -129,6 +129,12 @@ class WeightLoraRoles(RoleSwitch):
             name: LoraWeightDelta(shape, rank, alpha, self, device=device, generator=generator)
             for name, shape in weight_shapes.items()
         }
+        # each adapter's parameters, listed once: a switch then only sets flags (the parameter
+        # objects never change: loading copies into them, casting replaces their .data)
+        self._params: dict[str, list[nn.Parameter]] = {
+            adapter: [p for w in self.wrappers.values() for p in (w.down[adapter], w.up[adapter])]
+            for adapter in ADAPTERS
+        }
         self._role: str | None = None
         self.activate("student")
 
@@ -139,8 +145,9 @@ class WeightLoraRoles(RoleSwitch):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         for adapter in ADAPTERS:
-            for p in self.parameters(adapter):
-                p.requires_grad_(adapter == role)
+            flag = adapter == role
+            for p in self._params[adapter]:
+                p.requires_grad = flag
         self._role = role
 
     # -------------------------------------------------------------- parameters
@@ -153,10 +160,7 @@ class WeightLoraRoles(RoleSwitch):
         """The LoRA parameters of one adapter, whatever role is active: ``down, up`` of each
         wrapper in ``weight_shapes`` order (stable, so optimizer states load back)."""
         self._check_adapter(adapter)
-        params = []
-        for wrapper in self.wrappers.values():
-            params += [wrapper.down[adapter], wrapper.up[adapter]]
-        return params
+        return list(self._params[adapter])
 
     def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
         """``{f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}``, detached clones,

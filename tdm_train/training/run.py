@@ -83,6 +83,13 @@ def train_from_args(args: argparse.Namespace) -> dict:
         conditions = add_sdxl_time_ids(conditions, args.resolution)
     backend = build_backend(folder, backbone, negative, resolution=args.resolution, height=args.height,
                             width=args.width, frames=args.frames)
+    # everything drawn from here on follows --seed: the trainer's own generator does the loop's TDM draws,
+    # AdapterRoles seeds the LoRA initialisation; this covers what uses the global RNGs (dropout in the
+    # denoiser, anything a model does in train mode). Seeded after the prompt encoding, so a cache hit
+    # and a cache miss train alike; a resume restores the checkpoint's RNG state over it.
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed, device_specific=True)  # seed + process index: each process its own stream
     trainer = TDMTrainer(backend, conditions, config, accelerator)
     if args.report_to:
         accelerator.init_trackers("tdm", config={"backbone": backbone, "max_train_steps": config.max_train_steps})

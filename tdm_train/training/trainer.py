@@ -201,7 +201,7 @@ class TDMTrainer:
         if config.weight_dtype != torch.float32:
             model.to(config.weight_dtype)  # the frozen base; LoRA parameters are cast back to fp32 below
         targets = config.lora_target_modules or self.backend.default_lora_targets
-        roles = AdapterRoles(model, lora_config(config.lora_rank, config.lora_alpha, targets))
+        roles = AdapterRoles(model, lora_config(config.lora_rank, config.lora_alpha, targets), seed=config.seed)
         roles.cast_adapters(torch.float32)
         if config.gradient_checkpointing:
             model.enable_gradient_checkpointing()

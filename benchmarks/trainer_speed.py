@@ -131,13 +131,16 @@ def instrument_ours(trainer: TDMTrainer, timers: Timers) -> None:
                 return _method(*a, **kw)
 
         setattr(objective, name, timed)
-    apply = trainer._apply
+    # the update of each adapter: backward (+ gradient averaging) of each micro-batch, then the step
+    for name in ("_accumulate", "_step"):
+        method = getattr(trainer, name)
 
-    def timed_apply(loss, adapter, clip):
-        with timers("fake_update" if adapter == "fake" else "generator_update"):
-            return apply(loss, adapter, clip)
+        def timed_update(*a, _method=method, **kw):
+            adapter = kw.get("adapter", a[1] if _method.__name__ == "_accumulate" else a[0])
+            with timers("fake_update" if adapter == "fake" else "generator_update"):
+                return _method(*a, **kw)
 
-    trainer._apply = timed_apply
+        setattr(trainer, name, timed_update)
 
 
 def main() -> int:

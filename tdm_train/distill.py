@@ -47,7 +47,7 @@ class TDMConfig:
     importance_weighting: bool = True
     snr_gamma: float | None = 5.0
     # sampling-steps-aware training ("TDM-unify"): K drawn per sample from this set, each on its
-    # uniform grid; the fake score is told K (see step_condition.py), the student stays plain
+    # uniform grid; the student and the fake score are told each sample's K (see step_condition.py)
     unify_steps: tuple[int, ...] | None = None
 
     def __post_init__(self):
@@ -150,10 +150,19 @@ class TDMObjective:
         return obj.mid_timesteps_per_sample(step_index, batch.grid, batch.num_steps, self.config.mid_point,
                                             self.total_steps)
 
-    def _tell_fake_the_steps(self, fake, batch: RolloutBatch | None) -> None:
-        """With unify_steps, the fake score is conditioned on each sample's K (when it can be)."""
-        if self.config.unify_steps is not None and hasattr(fake, "set_num_steps"):
-            fake.set_num_steps(None if batch is None else batch.num_steps)
+    def _tell_the_steps(self, role, num_steps: torch.Tensor | None) -> None:
+        """With unify_steps, a role that can be conditioned on K (it has ``set_num_steps``: the
+        student and the fake score) is told each sample's K for the calls that follow; None clears it."""
+        if self.config.unify_steps is not None and hasattr(role, "set_num_steps"):
+            role.set_num_steps(num_steps)
+
+    def _told(self, role, num_steps: torch.Tensor, *args):
+        """``role(*args)`` with each sample's K told for that one call."""
+        self._tell_the_steps(role, num_steps)
+        try:
+            return role(*args)
+        finally:
+            self._tell_the_steps(role, None)
 
     def _diffused_point(self, x0_hat, eps_hat, t, s, generator):
         """From the student's prediction at t, the trajectory point x_s and its diffusion to tau.
@@ -186,8 +195,9 @@ class TDMObjective:
         for k in ks.unique().tolist():
             index = (ks == k).nonzero(as_tuple=True)[0]
             sub_cond = _select(cond, index)
-            _, trajectory = tdm_sample(lambda x, t: student(x, t, sub_cond), noise[index], self.grids[k],
-                                       self.schedule, return_trajectory=True)
+            steps = torch.full((len(index),), k, dtype=torch.long, device=noise.device)
+            _, trajectory = tdm_sample(lambda x, t: self._told(student, steps, x, t, sub_cond), noise[index],
+                                       self.grids[k], self.schedule, return_trajectory=True)
             states[:k, index] = torch.stack(trajectory.states)
             x0s[:k, index] = torch.stack(trajectory.x0_preds)
             epss[:k, index] = torch.stack(trajectory.eps_preds)
@@ -205,11 +215,7 @@ class TDMObjective:
         weight = None
         if self.config.importance_weighting:
             weight = obj.importance_weight(obj.effective_noise(eps_hat, z, self.schedule, s, tau), z)
-        self._tell_fake_the_steps(fake, trajectory)
-        try:
-            fake_x0 = fake(x_tau, tau, cond)
-        finally:
-            self._tell_fake_the_steps(fake, None)
+        fake_x0 = self._told(fake, trajectory.num_steps, x_tau, tau, cond)
         loss = obj.fake_score_loss(fake_x0, x0_hat, tau, self.schedule, weight, self.config.snr_gamma)
         stats = {"tau_mean": tau.double().mean().item()}
         if weight is not None:
@@ -231,7 +237,7 @@ class TDMObjective:
         cfg = self.config
         step_index = self._draw_steps(trajectory, generator)
         x_t, t, _, _ = trajectory.gather(step_index)
-        x0_hat = student(x_t, t, cond).to(x_t.dtype)
+        x0_hat = self._told(student, trajectory.num_steps, x_t, t, cond).to(x_t.dtype)
         alpha_t, sigma_t = self.schedule.coefficients(t, x_t)
         eps_hat = predicted_noise(x_t, x0_hat, alpha_t, sigma_t)
         s = self._mid(trajectory, step_index)
@@ -246,11 +252,7 @@ class TDMObjective:
             else:
                 teacher_cond, teacher_uncond = teacher(x_tau, tau, cond), teacher(x_tau, tau, uncond)
             teacher_x0 = obj.cfg_x0(teacher_cond, teacher_uncond, cfg.guidance_scale)
-            self._tell_fake_the_steps(fake, trajectory)
-            try:
-                fake_x0 = fake(x_tau, tau, cond)
-            finally:
-                self._tell_fake_the_steps(fake, None)
+            fake_x0 = self._told(fake, trajectory.num_steps, x_tau, tau, cond)
             target = obj.generator_target(x0_hat, teacher_x0, fake_x0)
             normalizer = obj.generator_normalizer(x0_hat, teacher_x0)
         loss = obj.generator_loss(x0_hat, target, normalizer, cfg.generator_loss, cfg.huber_c)

@@ -43,7 +43,7 @@ def test_each_sample_rolls_out_on_its_own_grid_and_the_fake_is_told_k():
     for t_call, told in zip(student.calls, student.told):
         assert told is not None and len(told) == len(t_call) and len(set(told)) == 1
         assert t_call[0] in objective.grids[told[0]]
-    assert sorted(k for told in student.told for k in told if student.told.count(told)) == sorted(
+    assert sorted(k for told in student.told for k in told) == sorted(
         k for k in ks for _ in range(k))  # each sample told its own K at each of its K steps
     assert student.steps_seen[-1] is None  # cleared after the rollout
     for b, k in enumerate(ks):
@@ -234,7 +234,7 @@ def test_saved_files_carry_the_k_condition_and_sampling_with_it_is_the_trained_s
         with torch.no_grad():
             expected = tdm_sample(trained, noise, grid, trainer.backend.schedule)
         outputs[k] = saved.sample(noise, labels, k)
-        torch.testing.assert_close(outputs[k], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outputs[k], expected, rtol=1e-4, atol=1e-4)
         with torch.no_grad():  # without its condition the saved student is another network
             plain = tdm_sample(lambda x, t: saved(x, t, labels), noise, grid, trainer.backend.schedule)
         assert float((plain - expected).abs().max()) > 1e-4

@@ -49,6 +49,7 @@ class TDMConfig:
     # sampling-steps-aware training ("TDM-unify"): K drawn per sample from this set, each on its
     # uniform grid; the student and the fake score are told each sample's K (see step_condition.py)
     unify_steps: tuple[int, ...] | None = None
+    unify_weights: tuple[float, ...] | None = None  # probability of each K of unify_steps (None: uniform)
 
     def __post_init__(self):
         if self.unify_steps is not None:
@@ -57,8 +58,16 @@ class TDMConfig:
                 raise ValueError(f"unify_steps must be distinct step counts >= 1, got {self.unify_steps}")
             if self.timesteps is not None:
                 raise ValueError("unify_steps uses the uniform grid of each K: drop the explicit timesteps")
+            if self.unify_weights is not None:
+                weights = tuple(float(w) for w in self.unify_weights)
+                if len(weights) != len(steps) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+                    raise ValueError(f"unify_weights must be one weight >= 0 per step count of unify_steps "
+                                     f"{self.unify_steps}, not all zero; got {self.unify_weights}")
+                self.unify_weights = tuple(w for _, w in sorted(zip(steps, weights)))
             self.unify_steps = tuple(sorted(steps))
             self.num_steps = max(steps)
+        elif self.unify_weights is not None:
+            raise ValueError("unify_weights needs unify_steps")
         if self.tau_mode not in obj.TAU_MODES:
             raise ValueError(f"tau_mode must be one of {obj.TAU_MODES}, got {self.tau_mode!r}")
         if self.mid_point not in obj.MID_POINTS:
@@ -186,7 +195,12 @@ class TDMObjective:
             )
             return RolloutBatch.from_trajectory(trajectory)
         choices = torch.tensor(self.config.unify_steps)
-        ks = choices[torch.randint(len(choices), (noise.shape[0],), generator=generator)].to(noise.device)
+        if self.config.unify_weights is None:
+            draw = torch.randint(len(choices), (noise.shape[0],), generator=generator)
+        else:
+            weights = torch.tensor(self.config.unify_weights, dtype=torch.float64)
+            draw = torch.multinomial(weights, noise.shape[0], replacement=True, generator=generator)
+        ks = choices[draw].to(noise.device)
         k_max = max(self.config.unify_steps)
         shape = (k_max, *noise.shape)
         dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32

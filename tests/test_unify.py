@@ -72,6 +72,20 @@ def test_unify_config_errors():
     with pytest.raises(ValueError, match="explicit timesteps"):
         TDMConfig(unify_steps=(1, 2), timesteps=(899, 449))
     assert TDMConfig(unify_steps=(4, 1)).num_steps == 4
+    with pytest.raises(ValueError, match="one weight >= 0 per step count"):
+        TDMConfig(unify_steps=(1, 2), unify_weights=(1.0,))
+    with pytest.raises(ValueError, match="needs unify_steps"):
+        TDMConfig(unify_weights=(1.0,))
+    assert TDMConfig(unify_steps=(4, 1), unify_weights=(3, 1)).unify_weights == (1.0, 3.0)  # sorted with K
+
+
+def test_unify_weights_set_how_often_each_k_is_drawn():
+    schedule = NoiseSchedule.from_diffusers_config(SDXL_SCHEDULER_CONFIG)
+    objective = TDMObjective(schedule, TDMConfig(unify_steps=(1, 2, 4), unify_weights=(0.0, 3.0, 1.0)))
+    gen = torch.Generator().manual_seed(0)
+    ks = objective.rollout(Recorder(), torch.randn(4000, 3, generator=gen), generator=gen).num_steps
+    assert 1 not in ks.tolist()
+    assert abs(float((ks == 2).double().mean()) - 0.75) < 0.03
 
 
 UNIFY = dict(unify_steps=(1, 2, 4), guidance_scale=2.0)

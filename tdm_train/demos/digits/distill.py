@@ -40,6 +40,7 @@ class DigitsDemoConfig:
     iterations: int = 250  # TDM iterations of the 4-step student
     unify_iterations: int = 200  # TDM-unify iterations (its rollouts are shorter on average: ~0.87x the cost)
     unify_steps: tuple[int, ...] = (1, 2, 4)
+    unify_weights: tuple[float, ...] | None = None  # how often each K is drawn (None: uniform)
     # lr of the unify student's K embedding / the generator lr (its c_K must grow from zero within the run)
     step_embedding_lr_ratio: float = 10.0
     batch_size: int = 64
@@ -112,7 +113,8 @@ def run_digits_demo(cfg: DigitsDemoConfig | None = None, output_dir: str | Path 
     log(f"TDM-unify: a student told K, for {', '.join(map(str, cfg.unify_steps))} steps "
         f"({cfg.unify_iterations} iterations)")
     unify = _distil(teacher, cfg, out / "tdm_unify",
-                    TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps)),
+                    TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps),
+                              unify_weights=cfg.unify_weights),
                     cfg.unify_iterations)
     training_seconds = time.perf_counter() - started
 

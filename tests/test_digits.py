@@ -69,7 +69,16 @@ def test_ci_sized_run_writes_the_students_and_shows_the_headline_claims(tmp_path
         x0 = student(torch.randn(2, 1, 8, 8), torch.tensor([899, 899]), torch.tensor([3, 7]))
         assert x0.shape == (2, 1, 8, 8) and torch.isfinite(x0).all()
     assert load_student(tmp_path / "tdm" / "pytorch_lora_weights.safetensors").conditions is None
-    assert load_student(tmp_path / "tdm_unify" / "pytorch_lora_weights.safetensors").conditions.steps == [1, 2, 4]
+    unify = load_student(tmp_path / "tdm_unify" / "pytorch_lora_weights.safetensors")
+    assert unify.conditions.steps == [1, 2, 4]
+    # the K condition is what makes it the 1-step student: without its c_1 the same LoRA is far worse
+    from tdm_train.demos.digits.distill import DigitsStudent, evaluate
+
+    rows, _ = evaluate(load_teacher(), {"told": unify, "not told": DigitsStudent(unify.backend.model, None)}, cfg,
+                       student_steps=(1,), teacher_rows=False)
+    told, not_told = (r["fid"] for r in rows)
+    assert told == pytest.approx(fid[("tdm-unify", 1)])
+    assert told < 0.8 * not_told, (told, not_told)
 
 
 def test_shipped_teacher_makes_the_digits_it_is_asked_for():

@@ -5,7 +5,8 @@
 Rows (same noise and classes for all; FID of the digits classifier's features against the whole
 dataset; class accuracy = share of samples classified as their prompt): the teacher with DDIM at
 50 and 4 steps and DPM-Solver++ at 4 steps (CFG), the TDM student and the TDM-unify student at 4, 2
-and 1 steps (one network evaluation per step, no CFG).
+and 1 steps (one network evaluation per step, no CFG). The TDM-unify student is read with its K
+condition (the c_K its files carry) and sampled with the c_K of each row's K.
 """
 
 from __future__ import annotations

@@ -47,8 +47,9 @@ class TDMConfig:
     importance_weighting: bool = True
     snr_gamma: float | None = 5.0
     # sampling-steps-aware training ("TDM-unify"): K drawn per sample from this set, each on its
-    # uniform grid; the fake score is told K (see step_condition.py), the student stays plain
+    # uniform grid; the student and the fake score are told each sample's K (see step_condition.py)
     unify_steps: tuple[int, ...] | None = None
+    unify_weights: tuple[float, ...] | None = None  # probability of each K of unify_steps (None: uniform)
 
     def __post_init__(self):
         if self.unify_steps is not None:
@@ -57,8 +58,16 @@ class TDMConfig:
                 raise ValueError(f"unify_steps must be distinct step counts >= 1, got {self.unify_steps}")
             if self.timesteps is not None:
                 raise ValueError("unify_steps uses the uniform grid of each K: drop the explicit timesteps")
+            if self.unify_weights is not None:
+                weights = tuple(float(w) for w in self.unify_weights)
+                if len(weights) != len(steps) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+                    raise ValueError(f"unify_weights must be one weight >= 0 per step count of unify_steps "
+                                     f"{self.unify_steps}, not all zero; got {self.unify_weights}")
+                self.unify_weights = tuple(w for _, w in sorted(zip(steps, weights)))
             self.unify_steps = tuple(sorted(steps))
             self.num_steps = max(steps)
+        elif self.unify_weights is not None:
+            raise ValueError("unify_weights needs unify_steps")
         if self.tau_mode not in obj.TAU_MODES:
             raise ValueError(f"tau_mode must be one of {obj.TAU_MODES}, got {self.tau_mode!r}")
         if self.mid_point not in obj.MID_POINTS:
@@ -173,10 +182,19 @@ class TDMObjective:
         return obj.mid_timesteps_per_sample(step_index, batch.grid, batch.num_steps, self.config.mid_point,
                                             self.total_steps)
 
-    def _tell_fake_the_steps(self, fake, batch: RolloutBatch | None) -> None:
-        """With unify_steps, the fake score is conditioned on each sample's K (when it can be)."""
-        if self.config.unify_steps is not None and hasattr(fake, "set_num_steps"):
-            fake.set_num_steps(None if batch is None else batch.num_steps)
+    def _tell_the_steps(self, role, num_steps: torch.Tensor | None) -> None:
+        """With unify_steps, a role that can be conditioned on K (it has ``set_num_steps``: the
+        student and the fake score) is told each sample's K for the calls that follow; None clears it."""
+        if self.config.unify_steps is not None and hasattr(role, "set_num_steps"):
+            role.set_num_steps(num_steps)
+
+    def _told(self, role, num_steps: torch.Tensor, *args):
+        """``role(*args)`` with each sample's K told for that one call."""
+        self._tell_the_steps(role, num_steps)
+        try:
+            return role(*args)
+        finally:
+            self._tell_the_steps(role, None)
 
     def _diffused_point(self, x0_hat, eps_hat, t, s, generator):
         """From the student's prediction at t, the trajectory point x_s and its diffusion to tau.
@@ -200,7 +218,12 @@ class TDMObjective:
             )
             return RolloutBatch.from_trajectory(trajectory)
         choices = torch.tensor(self.config.unify_steps)
-        ks = choices[torch.randint(len(choices), (noise.shape[0],), generator=generator)].to(noise.device)
+        if self.config.unify_weights is None:
+            draw = torch.randint(len(choices), (noise.shape[0],), generator=generator)
+        else:
+            weights = torch.tensor(self.config.unify_weights, dtype=torch.float64)
+            draw = torch.multinomial(weights, noise.shape[0], replacement=True, generator=generator)
+        ks = choices[draw].to(noise.device)
         k_max = max(self.config.unify_steps)
         shape = (k_max, *noise.shape)
         dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
@@ -209,8 +232,9 @@ class TDMObjective:
         for k in ks.unique().tolist():
             index = (ks == k).nonzero(as_tuple=True)[0]
             sub_cond = _select(cond, index)
-            _, trajectory = tdm_sample(lambda x, t: student(x, t, sub_cond), noise[index], self.grids[k],
-                                       self.schedule, return_trajectory=True)
+            steps = torch.full((len(index),), k, dtype=torch.long, device=noise.device)
+            _, trajectory = tdm_sample(lambda x, t: self._told(student, steps, x, t, sub_cond), noise[index],
+                                       self.grids[k], self.schedule, return_trajectory=True)
             states[:k, index] = torch.stack(trajectory.states)
             x0s[:k, index] = torch.stack(trajectory.x0_preds)
             epss[:k, index] = torch.stack(trajectory.eps_preds)
@@ -228,11 +252,7 @@ class TDMObjective:
         weight = None
         if self.config.importance_weighting:
             weight = obj.importance_weight(obj.effective_noise(eps_hat, z, self.schedule, s, tau), z)
-        self._tell_fake_the_steps(fake, trajectory)
-        try:
-            fake_x0 = fake(x_tau, tau, cond)
-        finally:
-            self._tell_fake_the_steps(fake, None)
+        fake_x0 = self._told(fake, trajectory.num_steps, x_tau, tau, cond)
         loss = obj.fake_score_loss(fake_x0, x0_hat, tau, self.schedule, weight, self.config.snr_gamma)
         stats = {"tau_mean": tau.double().mean().item()}
         if weight is not None:
@@ -254,7 +274,7 @@ class TDMObjective:
         cfg = self.config
         step_index = self._draw_steps(trajectory, generator)
         x_t, t, _, _ = trajectory.gather(step_index)
-        x0_hat = student(x_t, t, cond).to(x_t.dtype)
+        x0_hat = self._told(student, trajectory.num_steps, x_t, t, cond).to(x_t.dtype)
         alpha_t, sigma_t = self.schedule.coefficients(t, x_t)
         eps_hat = predicted_noise(x_t, x0_hat, alpha_t, sigma_t)
         s = self._mid(trajectory, step_index)
@@ -269,11 +289,7 @@ class TDMObjective:
             else:
                 teacher_cond, teacher_uncond = teacher(x_tau, tau, cond), teacher(x_tau, tau, uncond)
             teacher_x0 = obj.cfg_x0(teacher_cond, teacher_uncond, cfg.guidance_scale)
-            self._tell_fake_the_steps(fake, trajectory)
-            try:
-                fake_x0 = fake(x_tau, tau, cond)
-            finally:
-                self._tell_fake_the_steps(fake, None)
+            fake_x0 = self._told(fake, trajectory.num_steps, x_tau, tau, cond)
             target = obj.generator_target(x0_hat, teacher_x0, fake_x0)
             normalizer = obj.generator_normalizer(x0_hat, teacher_x0)
         loss = obj.generator_loss(x0_hat, target, normalizer, cfg.generator_loss, cfg.huber_c)

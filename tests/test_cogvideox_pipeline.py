@@ -137,3 +137,41 @@ def test_nodes_list_folders_and_grids(pack, stubs, tmp_path, monkeypatch, tiny):
     assert cogvideox.sampling_grid("cogvideox", 4, "") == [999, 856, 665, 399]
     assert cogvideox.sampling_grid("tdm_uniform", 4, "") == [999, 749, 499, 249]
     assert cogvideox.sampling_grid("custom", 4, "999, 700, 300") == [999, 700, 300]
+
+
+def test_a_unify_lora_is_sampled_with_the_condition_of_its_k_fused_or_hooked(tiny, tmp_path):
+    """A TDM-unify student's K condition travels in its file: sampled with K steps, c_K is added to
+    the timestep embedding's last Linear (as the trainer's student was told K); an untrained K is refused."""
+    from safetensors.torch import load_file
+
+    from tdm_train.lora.step_embedding import StepConditions
+
+    _, parts, lora = tiny
+    dim = parts.transformer.time_embedding.linear_2.out_features
+    gen = torch.Generator().manual_seed(5)
+    conditions = StepConditions.for_family("cogvideox", {k: torch.randn(dim, generator=gen) for k in (1, 2, 4)})
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(lora)).items()}
+    paths = save_student_lora(tmp_path / "unify", "cogvideox", state, 4, 2.0, ("to_q", "to_k", "to_v", "to_out.0"),
+                              [999, 749, 499, 249], 1, step_conditions=conditions)
+    plain = parts.with_lora(lora)
+    grid2 = [999, 499]
+    for fuse in (True, False):
+        unify = parts.with_lora(paths[0], fuse=fuse)
+        assert unify.loras[0].step_conditions.steps == [1, 2, 4]
+        assert "TDM-unify student" in unify.lora_report()[0]
+        got = unify.sample(_embeds(parts), seed=2, timesteps=grid2, **SIZE)
+        # the same with c_2 added by hand to the plain LoRA's timestep embedding
+        handle = parts.transformer.time_embedding.linear_2.register_forward_hook(
+            lambda module, inputs, output: output + conditions.vector(2).to(output.dtype))
+        try:
+            expected = plain.sample(_embeds(parts), seed=2, timesteps=grid2, **SIZE)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert (got - plain.sample(_embeds(parts), seed=2, timesteps=grid2, **SIZE)).abs().max() > 1e-4
+        with pytest.raises(ValueError, match="trained for \\[1, 2, 4\\] steps, not 3"):
+            unify.sample(_embeds(parts), seed=2, timesteps=[999, 666, 333], **SIZE)
+    assert not parts.transformer.time_embedding.linear_2._forward_hooks  # nothing left behind
+    from tdm_train.lora.step_embedding import StepConditions as SC
+
+    assert SC.read(paths[1]).steps == [1, 2, 4]  # the ComfyUI file carries it too

@@ -12,7 +12,8 @@
 
 Both carry kohya ``ss_*`` / ``modelspec.*`` fields and our ``tdm.*`` fields (timesteps, K,
 recommended CFG 1 and strength, the teacher CFG it was trained with), and a model card next to
-them gives the inference settings.
+them gives the inference settings. A TDM-unify student's K condition (lora/step_embedding.py: one
+vector c_K per trained K and the ``tdm.step_embedding`` metadata) goes into both files.
 """
 
 from __future__ import annotations
@@ -114,24 +115,34 @@ def lora_metadata(backend_name: str, rank: int, alpha: float, target_modules, ti
 
 def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[str, torch.Tensor], rank: int,
                       alpha: float, target_modules, timesteps: list[int], steps_trained: int,
-                      extra_sampling: dict | None = None, training_cfg: float | None = None) -> tuple[Path, Path]:
+                      extra_sampling: dict | None = None, training_cfg: float | None = None,
+                      step_conditions=None) -> tuple[Path, Path]:
     """Writes both files and the model card; returns (diffusers file, ComfyUI file).
-    ``training_cfg``: the teacher guidance it was trained with, recorded in both."""
+    ``training_cfg``: the teacher guidance it was trained with, recorded in both.
+    ``step_conditions``: a TDM-unify student's :class:`~tdm_train.lora.step_embedding.StepConditions`
+    (its c_K tensors and metadata go into both files), None for a fixed-K student."""
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save a LoRA with non-finite weights: {bad[:4]}")
     component = ARCHITECTURES[backend_name][0]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    condition_tensors: dict[str, torch.Tensor] = {}
+    if step_conditions is not None:
+        extra_sampling = {**(extra_sampling or {}), "unify_steps": step_conditions.steps}
     meta = lora_metadata(backend_name, rank, alpha, target_modules, timesteps, steps_trained, extra_sampling,
                          training_cfg=training_cfg)
+    if step_conditions is not None:
+        meta.update(step_conditions.metadata())
+        condition_tensors = step_conditions.tensors()
 
     peft_config = {"r": rank, "lora_alpha": float(alpha), "target_modules": sorted(target_modules),
                    "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False}
     diffusers_meta = {**meta, "lora_adapter_metadata": json.dumps(
         {f"{component}.{k}": v for k, v in peft_config.items()}, indent=2, sort_keys=True)}
     diffusers_path = output_dir / DIFFUSERS_FILE
-    atomic.save_safetensors(diffusers_state_dict(state, component), diffusers_path, diffusers_meta)
+    atomic.save_safetensors({**diffusers_state_dict(state, component), **condition_tensors}, diffusers_path,
+                            diffusers_meta)
 
     comfy_path = output_dir / COMFYUI_FILE
     comfy_meta = meta
@@ -141,16 +152,17 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
         comfy = transformer_alpha_state_dict(state, alpha, component)
     else:  # no ComfyUI core model: the diffusers file again, its adapter metadata (alpha, rank) included
         comfy, comfy_meta = diffusers_state_dict(state, component), diffusers_meta
-    atomic.save_safetensors(comfy, comfy_path, comfy_meta)
-    _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained, training_cfg)
+    atomic.save_safetensors({**comfy, **condition_tensors}, comfy_path, comfy_meta)
+    _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained, training_cfg, step_conditions)
     return diffusers_path, comfy_path
 
 
 def _write_model_card(output_dir: Path, backend_name: str, rank: int, alpha: float, timesteps: list[int],
-                      steps_trained: int, training_cfg: float | None = None) -> None:
+                      steps_trained: int, training_cfg: float | None = None, step_conditions=None) -> None:
     grid = ", ".join(str(t) for t in timesteps)
     guidance = ("" if training_cfg is None else
                 f"Teacher guidance (CFG) distilled into it: {describe_guidance(float(training_cfg), backend_name)}.\n")
+    unify = _unify_card(step_conditions, timesteps[0] + 1) if step_conditions is not None else ""
     card = f"""# TDM student LoRA ({backend_name})
 
 Distilled with TDM (Trajectory Distribution Matching, Luo et al., ICCV 2025) by ComfyUI-TDM:
@@ -165,5 +177,23 @@ Distilled with TDM (Trajectory Distribution Matching, Luo et al., ICCV 2025) by 
 - diffusers: `pipe.load_lora_weights("{output_dir.name}")` loads `{DIFFUSERS_FILE}` at its trained
   scale; sample with `tdm_train.tdm_sample(...)` on the grid above (stock schedulers space their
   timesteps differently, e.g. 999/749/499/249).
-"""
+""" + unify
     atomic.write_text(output_dir / "README.md", card)
+
+
+def _unify_card(conditions, total_steps: int) -> str:
+    from ..timesteps import tdm_timesteps
+
+    steps = conditions.steps
+    grids = "; ".join(f"K={k}: {', '.join(str(t) for t in tdm_timesteps(k, total_steps))}" for k in steps)
+    return f"""
+## Sampling-steps-aware (TDM-unify): sample with K in {{{', '.join(str(k) for k in steps)}}}
+This student was trained for {', '.join(str(k) for k in steps)} steps and is told K: beside the LoRA
+weights both files hold one vector per trained K (`tdm_step_embedding.k<K>`, width {conditions.dim}) and the
+metadata `tdm.step_embedding` names the layer it is added to (`{conditions.target}`, the last Linear of
+the timestep embedding). Sample with one of these K, on that K's uniform grid ({grids}; the grid above is
+the one of K={steps[-1]}), with c_K added to that layer's output
+(`tdm_train.lora.step_embedding.applied(model, StepConditions.read(path), K)`) or folded into its bias
+(`fold_into_bias`). Stock loaders (diffusers' `load_lora_weights`, ComfyUI's LoraLoader) ignore these
+tensors: the student then runs without its K condition, which is not what it was trained for.
+"""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..lora.merge import LoraMatch, describe_unmatched, match_lora, resolve_strength
+from ..lora.step_embedding import StepConditions, applied
 from ..timesteps import COGVIDEOX_TIMESTEPS
 
 PIPELINE_CLASS = "CogVideoXPipeline"
@@ -45,6 +46,7 @@ class AppliedLora:
     strength: float
     strength_source: str
     fuse: bool
+    step_conditions: StepConditions | None = None  # a TDM-unify student's K condition (c_K per trained K)
 
     @property
     def name(self) -> str:
@@ -112,13 +114,20 @@ class CogVideoXParts:
             raise ValueError(f"{Path(path).name} is not a LoRA for this {model_name(self.transformer)}: "
                              + describe_unmatched(match.unmatched, len(match.unmatched)))
         value, source = resolve_strength(match.metadata, path, strength)
-        return replace(self, loras=(*self.loras, AppliedLora(match, value, source, fuse)))
+        conditions = StepConditions.read(path)
+        if conditions is not None:  # a TDM-unify student: its K condition must fit this transformer
+            k = conditions.steps[0]
+            with applied(self.transformer, conditions, k):
+                pass
+        return replace(self, loras=(*self.loras, AppliedLora(match, value, source, fuse, conditions)))
 
     def lora_report(self) -> list[str]:
         lines = []
         for lora in self.loras:
             line = (f"{lora.name}: strength {lora.strength:g} ({lora.strength_source}), {len(lora.match.modules)} "
                     f"modules, {'fused' if lora.fuse else 'unfused'}")
+            if lora.step_conditions is not None:
+                line += f"; TDM-unify student, sampled with its K condition (K in {lora.step_conditions.steps})"
             if lora.match.unmatched:
                 total = len(lora.match.unmatched) + len(lora.match.modules)
                 line += "; WARNING: " + describe_unmatched(lora.match.unmatched, total)
@@ -126,13 +135,27 @@ class CogVideoXParts:
         return lines
 
     @contextlib.contextmanager
-    def loras_applied(self) -> Iterator[None]:
-        """The LoRAs in force for one run, then the weights exactly as loaded: fused ones add their
-        delta to the weights (restored from copies of the touched weights afterwards), unfused
-        ones add B(A x) to the layer's output through a forward hook."""
+    def loras_applied(self, num_steps: int | None = None) -> Iterator[None]:
+        """The LoRAs in force for one run of ``num_steps`` steps, then the weights exactly as
+        loaded: fused ones add their delta to the weights (restored from copies of the touched
+        weights afterwards), unfused ones add B(A x) to the layer's output through a forward hook.
+        A TDM-unify LoRA's K condition for ``num_steps`` is added by a hook either way (a K it was
+        not trained for is refused; ``num_steps`` None: only for LoRAs without a K condition)."""
         backups: dict[torch.nn.Parameter, torch.Tensor] = {}
         hooks = []
+        unify = [lora for lora in self.loras if lora.step_conditions is not None]
+        if unify and num_steps is None:
+            raise ValueError(f"{unify[0].name} is a TDM-unify student: say how many steps it samples "
+                             f"(one of {unify[0].step_conditions.steps})")
+        for lora in unify:
+            if num_steps not in lora.step_conditions.steps:
+                raise ValueError(f"{lora.name} is a TDM-unify student trained for {lora.step_conditions.steps} "
+                                 f"steps, not {num_steps}: sample it with one of {lora.step_conditions.steps} "
+                                 "steps (each on its own uniform grid)")
+        conditions = contextlib.ExitStack()
         try:
+            for lora in unify:
+                conditions.enter_context(applied(self.transformer, lora.step_conditions, num_steps))
             with torch.no_grad():
                 for lora in self.loras:
                     for name, (module, layer) in lora.match.modules.items():
@@ -150,6 +173,7 @@ class CogVideoXParts:
                     weight.copy_(saved)
             for hook in hooks:
                 hook.remove()
+            conditions.close()
 
     # -------------------------------------------------------------- prompts
     @torch.no_grad()
@@ -201,7 +225,7 @@ class CogVideoXParts:
                 callback(step["index"], out)
             return out
 
-        with self.loras_applied():
+        with self.loras_applied(len(timesteps)):
             return tdm_sample(x0, noise, list(timesteps), backend.schedule, eta=eta, generator=generator)
 
     # -------------------------------------------------------------- decoding

@@ -114,7 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fake_updates_per_generator", type=int, default=1, help="TTUR ratio")
     train.add_argument("--unify_steps", type=_int_list, default=None,
                        help="sampling-steps-aware training: K drawn per sample from this set (e.g. 1,2,4), each on "
-                            "its uniform grid; the fake score is conditioned on K, the student stays one LoRA")
+                            "its uniform grid; the student and the fake score are each conditioned on K (the "
+                            "student's condition is saved with its LoRA: sample it with one of these K)")
+    train.add_argument("--step_embedding_lr_ratio", type=float, default=None,
+                       help="with --unify_steps: lr of the student's K embedding relative to the generator lr "
+                            "(default 1: the same)")
     train.add_argument("--max_nonfinite_in_a_row", type=int, default=5)
     return parser
 

@@ -59,6 +59,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
         resume_from_checkpoint=args.resume_from_checkpoint,
         seed=args.seed,
         fake_updates_per_generator=args.fake_updates_per_generator,
+        step_embedding_lr_ratio=getattr(args, "step_embedding_lr_ratio", None),
         max_nonfinite_in_a_row=args.max_nonfinite_in_a_row,
         ddp_bucket_cap_mb=args.ddp_bucket_cap_mb,
         tdm=tdm,

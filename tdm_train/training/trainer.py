@@ -66,6 +66,8 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     seed: int = 0
     fake_updates_per_generator: int = 1  # TTUR
+    # TDM-unify: the lr of the student's K embedding relative to the generator lr (None: the same)
+    step_embedding_lr_ratio: float | None = None
     max_nonfinite_in_a_row: int = 5
     ddp_bucket_cap_mb: float = 25.0  # size of the gradient buckets all-reduced during backward (DDP's default)
     tdm: TDMConfig = field(default_factory=TDMConfig)
@@ -84,6 +86,8 @@ class TrainConfig:
             problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.fake_updates_per_generator < 1:
             problems.append("--fake_updates_per_generator must be >= 1")
+        if self.step_embedding_lr_ratio is not None and not self.step_embedding_lr_ratio > 0:
+            problems.append("--step_embedding_lr_ratio must be > 0")
         if self.lora_rank < 1:
             problems.append("--lora_rank must be >= 1")
         if self.checkpointing_steps < 1:
@@ -158,21 +162,30 @@ class TDMTrainer:
         self._sync_adapters()
         self.student, self.teacher, self.fake = (RoleFunction(backend, self.roles, r) for r in ("student", "teacher", "fake"))
         self.objective = TDMObjective(backend.schedule, config.tdm)
-        self.step_embedding = None
+        # TDM-unify: K embeddings for the fake score (its role only) and for the student (its role
+        # only), each zero-initialised, so a fresh run starts from the plain LoRA roles; the teacher has none
+        self.step_embedding = self.student_step_embedding = None
         if config.tdm.unify_steps:
             from ..step_condition import attach
 
             torch.manual_seed(config.seed)  # zero-initialised anyway; the seed keeps processes identical
-            self.step_embedding = attach(model, getattr(backend, "time_embedding_module", backend.name), self.roles,
-                                         max(config.tdm.unify_steps))
+            where = getattr(backend, "time_embedding_module", backend.name)
+            k_max = max(config.tdm.unify_steps)
+            self.step_embedding = attach(model, where, self.roles, k_max, role="fake")
             self.fake.step_embedding = self.step_embedding
+            self.student_step_embedding = attach(model, where, self.roles, k_max, role="student")
+            self.student.step_embedding = self.student_step_embedding
 
         betas = (config.adam_beta1, config.adam_beta2)
+        generator_lr = config.learning_rate * config.generator_lr_ratio
+        student_groups = [{"params": self.roles.parameters("student")}]
+        if self.student_step_embedding is not None:
+            ratio = config.step_embedding_lr_ratio or 1.0
+            student_groups.append({"params": list(self.student_step_embedding.parameters()), "lr": generator_lr * ratio})
         self.optimizers = {
             "fake": torch.optim.AdamW(self._fake_parameters(), lr=config.learning_rate, betas=betas,
                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon),
-            "student": torch.optim.AdamW(self.roles.parameters("student"),
-                                         lr=config.learning_rate * config.generator_lr_ratio, betas=betas,
+            "student": torch.optim.AdamW(student_groups, lr=generator_lr, betas=betas,
                                          weight_decay=config.adam_weight_decay, eps=config.adam_epsilon),
         }
         from diffusers.optimization import get_scheduler
@@ -213,6 +226,11 @@ class TDMTrainer:
         extra = list(self.step_embedding.parameters()) if self.step_embedding is not None else []
         return self.roles.parameters("fake") + extra
 
+    def _student_parameters(self) -> list[torch.nn.Parameter]:
+        """The student's trainable parameters: its LoRA, plus its own K embedding in unify mode."""
+        extra = list(self.student_step_embedding.parameters()) if self.student_step_embedding is not None else []
+        return self.roles.parameters("student") + extra
+
     # -------------------------------------------------------------- one iteration
     def _batch(self) -> tuple[torch.Tensor, Condition, Condition]:
         index = torch.randint(self.num_prompts, (self.config.train_batch_size,), generator=self.generator)
@@ -221,7 +239,7 @@ class TDMTrainer:
         return noise.to(self.device), cond, self.backend.unconditional(cond)
 
     def _parameters(self, adapter: str) -> list[torch.nn.Parameter]:
-        return self._fake_parameters() if adapter == "fake" else self.roles.parameters(adapter)
+        return self._fake_parameters() if adapter == "fake" else self._student_parameters()
 
     def _accumulate(self, loss: torch.Tensor, adapter: str, last: bool, healthy: bool) -> bool:
         """Backward of one micro-batch's loss into the adapter's gradients. Returns whether the
@@ -362,6 +380,8 @@ class TDMTrainer:
             adapters = {a: self.roles.state_dict(a) for a in ("student", "fake")}
             if self.step_embedding is not None:
                 adapters["fake_step_embedding"] = {k: v.detach().clone() for k, v in self.step_embedding.state_dict().items()}
+                adapters["student_step_embedding"] = {k: v.detach().clone()
+                                                      for k, v in self.student_step_embedding.state_dict().items()}
             ckpt.write_shared(tmp, adapters, self.optimizers, self.schedulers, state, self.scalers)
         self.accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, self.rank, self.generator)
@@ -390,6 +410,13 @@ class TDMTrainer:
             logger.warning("%s was trained with teacher guidance %g; this run continues it with %g (set "
                            "--real_guidance_scale or the node's training_cfg to %g to keep the checkpoint's)",
                            path, trained_cfg, self.config.tdm.guidance_scale, trained_cfg)
+        if self.step_embedding is not None:
+            if "fake_step_embedding" not in data["adapters"]:
+                raise ValueError(f"{path} has no step embedding: it was not a unify_steps run")
+            if "student_step_embedding" not in data["adapters"]:
+                raise ValueError(f"{path} was written before the TDM-unify student was conditioned on K (it holds "
+                                 "the fake score's K embedding only): it cannot be resumed as a K-conditioned "
+                                 "student; start a fresh run (a new --output_dir, or no --resume_from_checkpoint)")
         for adapter in ("student", "fake"):
             self.roles.load_state_dict(adapter, {k: v.to(self.device) for k, v in data["adapters"][adapter].items()})
             self.optimizers[adapter].load_state_dict(data["optimizers"][adapter])
@@ -398,9 +425,9 @@ class TDMTrainer:
             if self.scalers[adapter].is_enabled() and scaler_state:  # else a fresh scale calibrates itself
                 self.scalers[adapter].load_state_dict(scaler_state)
         if self.step_embedding is not None:
-            if "fake_step_embedding" not in data["adapters"]:
-                raise ValueError(f"{path} has no step embedding: it was not a unify_steps run")
-            self.step_embedding.load_state_dict(data["adapters"]["fake_step_embedding"])
+            self.step_embedding.load_state_dict({k: v.to(self.device) for k, v in data["adapters"]["fake_step_embedding"].items()})
+            self.student_step_embedding.load_state_dict(
+                {k: v.to(self.device) for k, v in data["adapters"]["student_step_embedding"].items()})
         self.generator.set_state(data["rng"]["generator"])
         torch.set_rng_state(data["rng"]["torch"])
         self.step = state["step"]
@@ -455,7 +482,22 @@ class TDMTrainer:
         targets = cfg.lora_target_modules or self.backend.default_lora_targets
         return save_student_lora(self.output_dir, self.backend.name, self.student_state(), cfg.lora_rank,
                                  cfg.lora_alpha, targets, self.objective.timesteps, self.step,
-                                 training_cfg=cfg.tdm.guidance_scale)
+                                 training_cfg=cfg.tdm.guidance_scale, step_conditions=self.step_conditions())
+
+    def step_conditions(self):
+        """The TDM-unify student's K condition as it travels with its LoRA (lora/step_embedding.py):
+        c_K = its K embedding at every trained K, for the Linear the embedding is added to. None
+        for a fixed-K student."""
+        if self.student_step_embedding is None:
+            return None
+        from ..lora.step_embedding import TARGETS, StepConditions
+
+        vectors = self.student_step_embedding.vectors(self.config.tdm.unify_steps)
+        target = self.student_step_embedding.target.replace(".base_layer", "")
+        diffusers_target, comfy_target = TARGETS.get(self.backend.name, (None, None))
+        if diffusers_target is not None and target in (diffusers_target, comfy_target):
+            return StepConditions(diffusers_target, vectors, comfy_target)  # the family's names for it
+        return StepConditions(target, vectors)
 
     def student_state(self) -> dict[str, torch.Tensor]:
         state = self.roles.state_dict("student")

@@ -3,11 +3,14 @@ paper's claim at small scale (a 4-step student against its 50-step teacher and a
 training-free 4-step solver).
 
 Both students go through the same trainer as SDXL / PixArt / CogVideoX (TDMTrainer over the
-toy DigitsBackend): a K = 4 student and a sampling-steps-aware one (K in {1, 2, 4}).
+toy DigitsBackend): a K = 4 student and a sampling-steps-aware one (K in {1, 2, 4}, told K through
+its own K embedding). The table measures the students as saved: their LoRA files, and for the
+unify student its K condition, applied for the K of each row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -20,6 +23,7 @@ import torch
 from ... import atomic
 from ...backends.digits import DigitsBackend
 from ...distill import TDMConfig
+from ...lora.export import DIFFUSERS_FILE
 from ...objectives import cfg_x0
 from ...sampler import tdm_sample
 from ...timesteps import tdm_timesteps
@@ -34,7 +38,11 @@ from .teacher import SCHEDULER_CONFIG, load_teacher
 class DigitsDemoConfig:
     seed: int = 0
     iterations: int = 250  # TDM iterations of the 4-step student
-    unify_iterations: int = 150  # TDM-unify iterations (its rollouts are shorter on average)
+    unify_iterations: int = 200  # TDM-unify iterations (its rollouts are shorter on average: ~0.87x the cost)
+    unify_steps: tuple[int, ...] = (1, 2, 4)
+    unify_weights: tuple[float, ...] | None = None  # how often each K is drawn (None: uniform)
+    # lr of the unify student's K embedding / the generator lr (its c_K must grow from zero within the run)
+    step_embedding_lr_ratio: float = 10.0
     batch_size: int = 64
     learning_rate: float = 1.5e-3  # fake score; the student's is lr / 5
     lora_rank: int = 16
@@ -83,7 +91,8 @@ def _distil(teacher, cfg: DigitsDemoConfig, out: Path, tdm: TDMConfig, iteration
     backend = DigitsBackend(copy.deepcopy(teacher), SCHEDULER_CONFIG, NULL_CLASS)
     config = TrainConfig(output_dir=str(out), max_train_steps=iterations, train_batch_size=cfg.batch_size,
                          learning_rate=cfg.learning_rate, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                         checkpointing_steps=iterations, checkpoints_total_limit=1, seed=cfg.seed, tdm=tdm)
+                         checkpointing_steps=iterations, checkpoints_total_limit=1, seed=cfg.seed, tdm=tdm,
+                         step_embedding_lr_ratio=cfg.step_embedding_lr_ratio if tdm.unify_steps else None)
     trainer = TDMTrainer(backend, {"class_labels": torch.arange(NUM_CLASSES)}, config)
     trainer.train(progress=True)
     trainer.backend.model.eval()
@@ -101,12 +110,16 @@ def run_digits_demo(cfg: DigitsDemoConfig | None = None, output_dir: str | Path 
     started = time.perf_counter()
     log(f"TDM: distilling the digits teacher into a 4-step student ({cfg.iterations} iterations)")
     student = _distil(teacher, cfg, out / "tdm", TDMConfig(guidance_scale=cfg.guidance_scale), cfg.iterations)
-    log(f"TDM-unify: a student for 1, 2 and 4 steps ({cfg.unify_iterations} iterations)")
-    unify = _distil(teacher, cfg, out / "tdm_unify", TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=(1, 2, 4)),
+    log(f"TDM-unify: a student told K, for {', '.join(map(str, cfg.unify_steps))} steps "
+        f"({cfg.unify_iterations} iterations)")
+    unify = _distil(teacher, cfg, out / "tdm_unify",
+                    TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps),
+                              unify_weights=cfg.unify_weights),
                     cfg.unify_iterations)
     training_seconds = time.perf_counter() - started
 
-    students = {name: (lambda trainer: (lambda x, t, labels: trainer.student(x, t, {"class_labels": labels})))(trainer)
+    # the table measures the students as saved (LoRA files, and the unify student's K condition)
+    students = {name: load_student(trainer.output_dir / DIFFUSERS_FILE, teacher)
                 for name, trainer in (("tdm", student), ("tdm-unify", unify))}
     rows, samples = evaluate(teacher, students, cfg)
     results = {"rows": rows, "training_seconds": training_seconds, "eval_samples": cfg.eval_samples,
@@ -121,10 +134,12 @@ def run_digits_demo(cfg: DigitsDemoConfig | None = None, output_dir: str | Path 
     return results
 
 
-def evaluate(teacher, students: dict, cfg: DigitsDemoConfig) -> tuple[list[dict], dict]:
+def evaluate(teacher, students: dict, cfg: DigitsDemoConfig, student_steps=(4, 2, 1),
+             teacher_rows: bool = True) -> tuple[list[dict], dict]:
     """The metrics.json rows: teacher DDIM (50 and 4 steps, CFG), teacher DPM-Solver++ (4 steps, CFG),
     and every student at 4, 2 and 1 steps, all on the same noise and classes. ``students`` maps a
-    method name to ``f(x_t, t, labels) -> x0``."""
+    method name to ``f(x_t, t, labels) -> x0``; a :class:`DigitsStudent` with a TDM-unify K
+    condition is sampled with the condition of the K of each row."""
     classifier = load_classifier()
     images, _ = load_digits_tensors()
     backend = DigitsBackend(teacher, SCHEDULER_CONFIG, NULL_CLASS)
@@ -146,15 +161,19 @@ def evaluate(teacher, students: dict, cfg: DigitsDemoConfig) -> tuple[list[dict]
         rows.append({"method": method, "steps": steps, "nfe": nfe, **digits_quality(x, labels, classifier, reference),
                      "seconds": seconds})
 
-    for steps in (cfg.teacher_steps, 4):
+    for steps in (cfg.teacher_steps, 4) if teacher_rows else ():
         row("teacher-ddim", steps, 2 * steps,
             lambda c: tdm_sample(lambda x, t: teacher_x0(x, t, labels[c]), noise[c], tdm_timesteps(steps, 1000),
                                  backend.schedule))
-    row("teacher-dpmsolver++", 4, 8, lambda c: _dpmsolver(teacher, backend, noise[c], labels[c], 4, cfg.guidance_scale))
+    if teacher_rows:
+        row("teacher-dpmsolver++", 4, 8, lambda c: _dpmsolver(teacher, backend, noise[c], labels[c], 4,
+                                                              cfg.guidance_scale))
     for name, student_x0 in students.items():
-        for steps in (4, 2, 1):
-            row(name, steps, steps, lambda c: tdm_sample(lambda x, t: student_x0(x, t, labels[c]), noise[c],
-                                                         tdm_timesteps(steps, 900), backend.schedule))
+        for steps in student_steps:
+            sampling = getattr(student_x0, "sampling", None)
+            with sampling(steps) if sampling is not None else contextlib.nullcontext():
+                row(name, steps, steps, lambda c: tdm_sample(lambda x, t: student_x0(x, t, labels[c]), noise[c],
+                                                             tdm_timesteps(steps, 900), backend.schedule))
     return rows, samples
 
 
@@ -189,13 +208,39 @@ def _samples_png(top: torch.Tensor, bottom: torch.Tensor, path: Path, top_title:
         canvas.save(tmp)
 
 
-def load_student(lora_file: str | Path, teacher=None):
+class DigitsStudent:
+    """A saved digits student: ``f(x_t, t, labels) -> x0``. A TDM-unify student also carries its K
+    condition (``conditions``, lora/step_embedding.py); sample it for K inside ``sampling(K)``
+    (a K it was not trained for is refused). A fixed-K student's ``sampling`` does nothing."""
+
+    def __init__(self, unet, conditions=None):
+        self.backend = DigitsBackend(unet, SCHEDULER_CONFIG, NULL_CLASS)
+        self.conditions = conditions
+
+    def __call__(self, x, t, labels):
+        return self.backend.x0(x, t, {"class_labels": labels})
+
+    def sampling(self, num_steps: int):
+        from ...lora.step_embedding import applied
+
+        return applied(self.backend.model, self.conditions, num_steps)
+
+    def sample(self, noise: torch.Tensor, labels: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """``num_steps`` TDM steps on that K's uniform grid (the one it was trained on)."""
+        with torch.no_grad(), self.sampling(num_steps):
+            return tdm_sample(lambda x, t: self(x, t, labels), noise, tdm_timesteps(num_steps, 900), self.backend.schedule)
+
+
+def load_student(lora_file: str | Path, teacher=None) -> DigitsStudent:
     """A saved student: the shipped teacher plus the LoRA of ``pytorch_lora_weights.safetensors``
-    (read with its own adapter metadata: rank, alpha, targets). Returns f(x_t, t, labels) -> x0."""
+    (read with its own adapter metadata: rank, alpha, targets) and, for a TDM-unify student, its K
+    condition. Returns a :class:`DigitsStudent`, f(x_t, t, labels) -> x0."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.functional import set_peft_model_state_dict
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from ...lora.step_embedding import StepConditions, without_step_condition
 
     lora_file = Path(lora_file)
     with safe_open(str(lora_file), "pt") as handle:
@@ -203,9 +248,9 @@ def load_student(lora_file: str | Path, teacher=None):
     config = LoraConfig(r=meta["unet.r"], lora_alpha=meta["unet.lora_alpha"], target_modules=meta["unet.target_modules"])
     unet = copy.deepcopy(teacher if teacher is not None else load_teacher())
     inject_adapter_in_model(config, unet, adapter_name="student")
-    state = {k.removeprefix("unet."): v for k, v in load_file(str(lora_file)).items()}
+    tensors = load_file(str(lora_file))
+    state = {k.removeprefix("unet."): v for k, v in without_step_condition(tensors).items()}
     result = set_peft_model_state_dict(unet, state, adapter_name="student")
     if result.unexpected_keys:
         raise ValueError(f"{lora_file}: keys that fit no module of the digits teacher: {result.unexpected_keys[:5]}")
-    backend = DigitsBackend(unet.eval(), SCHEDULER_CONFIG, NULL_CLASS)
-    return lambda x, t, labels: backend.x0(x, t, {"class_labels": labels})
+    return DigitsStudent(unet.eval(), StepConditions.read(lora_file))

@@ -243,7 +243,9 @@ def test_unify_lora_conditions_the_student_on_the_steps_the_tdm_samplers_sample(
     KSampler at 2 steps equals the plain LoRA with the library's c_2 hook on time_embed.2, the
     TDM Sampler via sample_custom at 4 steps the c_4 one, img2img (denoise 0.5 on the 4-step grid)
     the c_4 one; an untrained K is refused with the trained list; a stock sampler (euler) runs as
-    K = 4 with a warning; no hook stays registered and the loader's input model has no wrapper."""
+    K = 4 with a warning; no hook stays registered and the loader's input model has no wrapper.
+    Then the TDM Export Engine at num_steps 2 and the TDM Engine Loader: the engine samples as the
+    PyTorch K = 2 student and refuses 4 steps."""
     out = _check_in_comfy("check_unify_in_comfy.py", tiny_models, tmp_path)
     assert "TDM-unify student for K = 1, 2, 4" in out["summary"] and "3 weights patched" in out["summary"]
     assert out["not_loaded_messages"] == []  # the tdm_step_embedding.k<K> keys never reach comfy.lora.load_lora
@@ -256,8 +258,14 @@ def test_unify_lora_conditions_the_student_on_the_steps_the_tdm_samplers_sample(
     assert out["img2img_vs_c4"] < 1e-5 and out["img2img_vs_c2"] > 1e-3
     assert "trained for [1, 2, 4] steps, not 3" in out["untrained_error"]
     assert out["euler_vs_c4"] < 1e-5 and len(out["euler_warnings"]) == 1
-    for key in ("hooks_after_sampling", "hooks_after_sampler_custom", "hooks_after_refusal", "hooks_at_end"):
+    for key in ("hooks_after_sampling", "hooks_after_sampler_custom", "hooks_after_refusal", "hooks_at_end",
+                "hooks_after_export"):
         assert out[key] == 0, key
+    # TDM Export Engine at num_steps 2 -> TDM Engine Loader -> TDM KSampler: the PyTorch student at K = 2
+    assert out["manifest"] == {"num_steps": 2, "unify_steps": [1, 2, 4], "timesteps": [899, 449]}
+    assert "TDM-unify student exported for K = 2" in out["export_summary"]
+    assert out["engine_vs_pytorch_k2"] < 1e-4 * max(1.0, out["scale"])
+    assert "exported for 2 sampling steps" in out["engine_other_k_error"] and "not 4" in out["engine_other_k_error"]
 
 
 def test_sdxl_student_lora_names_all_load_in_comfyuis_lora_loader():

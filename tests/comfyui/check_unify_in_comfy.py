@@ -150,6 +150,23 @@ def main():
     out["img2img_vs_c2"] = float((got - as_two).abs().max())
 
     out["hooks_at_end"] = hooks()
+
+    # TDM Export Engine on the unify MODEL at K = 2 (ONNX only), back through the TDM Engine Loader
+    engines = load_pack(PACK_ROOT, "nodes.engines")
+    folder_paths.add_model_folder_path("tensorrt", str(WORK / "tensorrt"), is_default=True)
+    exported = engines.TDMExportEngine.execute(unify, "unify_k2", "fp32", 1, 64, 64, 64, 64, 64, 64, 77,
+                                               "899, 674, 449, 224", False, 2)
+    out["export_summary"] = exported.ui.as_dict()["text"][0] if hasattr(exported.ui, "as_dict") else str(exported.ui)
+    manifest = json.loads((WORK / "tensorrt" / "unify_k2" / "engine.json").read_text())
+    out["manifest"] = {k: manifest[k] for k in ("num_steps", "unify_steps", "timesteps")}
+    out["hooks_after_export"] = hooks()
+    engine, = engines.TDMEngineLoader.execute("unify_k2/model.opt.onnx", "cpu").args
+    out["engine_vs_pytorch_k2"] = float((ksampler(engine, 2) - ksampler(unify, 2)).abs().max())
+    try:
+        ksampler(engine, 4)
+        out["engine_other_k_error"] = None
+    except ValueError as error:
+        out["engine_other_k_error"] = str(error)
     print(json.dumps(out))
 
 

@@ -148,3 +148,53 @@ def test_tdm_sampler_tells_the_model_the_steps_it_samples_or_the_k_it_is_given(p
     sampler.sampler_function(model, torch.randn(1, 4, 2, 2), sigmas, _extra_args(), disable=True,
                              **sampler.extra_options)
     assert model.seen == [4, 4]
+
+
+def test_cogvideox_nodes_sample_a_unify_lora_as_the_k_of_their_grid(pack, stubs, tmp_path, monkeypatch):
+    """TDM CogVideoX LoRA keeps a unify LoRA's condition on the pipeline; the sampler applies c_K for
+    K = its grid's length (the same video as the plain LoRA with the library's c_K hook), refuses an
+    untrained K, and leaves no hook behind."""
+    from export_helpers import tiny_student
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tdm_train.lora.step_embedding import applied
+    from tdm_train.pipelines.cogvideox import CogVideoXParts
+
+    cogvideox = submodule(pack, "cogvideox")
+    pipeline_dir, lora_dir = tiny_student(tmp_path, "cogvideox")
+    parts = CogVideoXParts.load(pipeline_dir, "fp32")
+    plain = lora_dir / "pytorch_lora_weights.safetensors"
+    with safe_open(str(plain), "pt") as f:
+        state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    target = parts.transformer.time_embedding.linear_2
+    generator = torch.Generator().manual_seed(1)
+    conditions = StepConditions.for_family("cogvideox", {k: torch.randn(target.out_features, generator=generator)
+                                                         for k in (2, 4)})
+    save_file({**state, **conditions.tensors()}, str(tmp_path / "unify.safetensors"),
+              metadata={**metadata, **conditions.metadata()})
+    files = {"unify.safetensors": str(tmp_path / "unify.safetensors"), "plain.safetensors": str(plain)}
+    monkeypatch.setattr(stubs["folder_paths"], "get_full_path_or_raise", lambda folder, name: files[name],
+                        raising=False)
+
+    loaded = cogvideox.ComfyCogVideoX(parts, {})
+    out = cogvideox.TDMCogVideoXLoRA.execute(loaded, "unify.safetensors", "recorded", 1.0, True)
+    unify = out.args[0]
+    assert unify.step_condition is not None and loaded.step_condition is None
+    assert "TDM-unify student for K = 2, 4" in out.ui.value
+    plain_pipeline = cogvideox.TDMCogVideoXLoRA.execute(loaded, "plain.safetensors", "recorded", 1.0, True).args[0]
+    assert plain_pipeline.step_condition is None
+
+    embeds = parts.encode(["a red cat"])
+    size = dict(seed=2, frames=9, height=16, width=16)
+    for grid in ([999, 665], [999, 856, 665, 399]):
+        got = cogvideox.sample_video(unify, embeds, None, grid, **size)
+        with applied(parts.transformer, conditions, len(grid)):
+            reference = plain_pipeline.parts.sample(embeds, None, timesteps=grid, **size)
+        without = plain_pipeline.parts.sample(embeds, None, timesteps=grid, **size)
+        assert torch.allclose(got, reference, atol=1e-6), grid
+        assert (got - without).abs().max() > 1e-4  # c_K changed the video
+        assert not target._forward_hooks
+    with pytest.raises(ValueError, match=r"trained for K = \[2, 4\] steps; this grid has 3"):
+        cogvideox.sample_video(unify, embeds, None, [999, 665, 399], **size)
+    assert not target._forward_hooks

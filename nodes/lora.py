@@ -9,14 +9,13 @@ from comfy_api.latest import io, ui
 
 import comfy.lora
 import comfy.lora_convert
-import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 from tdm_train.lora.metadata import describe_unmatched, recommend
 from tdm_train.lora.step_embedding import StepConditions, without_step_condition
 
 from .sampling import CATEGORY
-from .step_condition import WRAPPER_KEY, StepConditionWrapper, attached, describe
+from .step_condition import attach, describe
 
 NOT_LOADED_PREFIX = "lora key not loaded: "
 
@@ -43,21 +42,6 @@ def _collect_not_loaded():
         yield handler.keys
     finally:
         root.removeHandler(handler)
-
-
-def attach_step_condition(patched, conditions: StepConditions, source: str) -> StepConditionWrapper:
-    """Puts a TDM-unify student's step condition on ``patched`` (a clone: the wrapper lives on
-    this patcher only), replacing one a previous unify LoRA put there."""
-    wrapper = StepConditionWrapper(conditions, source)
-    wrapper.check(patched.model.diffusion_model)
-    kind = comfy.patcher_extension.WrappersMP.APPLY_MODEL
-    previous = attached(patched.wrappers)
-    if previous is not None:
-        logging.warning("TDM LoRA Loader: %s replaces the step condition of %s (one MODEL carries one)",
-                        source, previous.source)
-        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
-    patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
-    return wrapper
 
 
 def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float):
@@ -94,7 +78,7 @@ def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float)
     patched.add_patches(patches, applied)
     lines = [f"{lora_name}: strength {applied:g} ({source}); {len(patches)} weights patched"]
     if conditions is not None:
-        lines.append(describe(attach_step_condition(patched, conditions, lora_name)))
+        lines.append(describe(attach(patched, conditions, lora_name)))
     if unmatched:
         warning = describe_unmatched(unmatched, len(converted))
         logging.warning("TDM LoRA Loader: %s", warning)

@@ -108,6 +108,19 @@ class FixedStepsWrapper:
         return executor(*args, **kwargs)
 
 
+def attach(patcher, conditions: StepConditions, source: str) -> StepConditionWrapper:
+    """Puts a TDM-unify student's step condition on ``patcher`` (a ComfyUI ModelPatcher, a clone:
+    the wrapper lives on this patcher only), replacing one a previous unify LoRA put there."""
+    wrapper = StepConditionWrapper(conditions, source)
+    wrapper.check(patcher.model.diffusion_model)
+    previous = attached(patcher.wrappers)
+    if previous is not None:
+        log.warning("%s replaces the step condition of %s (one MODEL carries one)", source, previous.source)
+        patcher.remove_wrappers_with_key(APPLY_MODEL, WRAPPER_KEY)
+    patcher.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, wrapper)
+    return wrapper
+
+
 def attached(wrappers: dict) -> StepConditionWrapper | None:
     """Our wrapper in a patcher's ``wrappers`` (or a transformer_options' ``wrappers``) dict."""
     found = wrappers.get(APPLY_MODEL, {}).get(WRAPPER_KEY, [])

@@ -15,6 +15,7 @@ from tdm_train.training.prompts import read_prompts
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
 from .comfy_trainer import train_in_comfyui
+from .step_condition import attached, describe
 
 CATEGORY = "training/TDM"
 NO_FILE = "(none)"
@@ -188,6 +189,8 @@ class TDMTrainLoRA(io.ComfyNode):
         summary = (f"{lora_path.name}: {config.max_train_steps} steps on {len(texts)} prompts, "
                    f"timesteps {list(tdm.timesteps or tdm_timesteps(max(unify or [num_steps])))}; "
                    f"non-finite steps skipped: {sum(1 for h in history if h.get('skipped_nonfinite'))}")
+        if attached(student.wrappers) is not None:  # a K-conditioned TDM-unify student
+            summary += "; " + describe(attached(student.wrappers))
         logging.info("TDM Train LoRA: %s", summary)
         return io.NodeOutput(student, lora_state, loss_curve(history), str(lora_path), ui=ui.PreviewText(summary))
 

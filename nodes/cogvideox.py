@@ -138,7 +138,7 @@ class TDMCogVideoXLoRA(io.ComfyNode):
         lines = list(parts.lora_report())
         changes = {"parts": parts}
         conditions = StepConditions.read(path)
-        if conditions is not None:
+        if conditions is not None and not _pipeline_applies_conditions(parts):
             changes.update(step_condition=with_step_condition(pipeline, conditions, lora_name),
                            step_condition_source=lora_name)
             lines.append(f"{lora_name}: TDM-unify student for K = {', '.join(map(str, conditions.steps))} steps "
@@ -162,9 +162,16 @@ def with_step_condition(pipeline: ComfyCogVideoX, conditions: StepConditions, so
     return conditions
 
 
+def _pipeline_applies_conditions(parts) -> bool:
+    """Whether tdm_train's pipeline applies its LoRAs' step conditions itself (its AppliedLora
+    carries them, and ``sample`` adds c_K for its grid's K): then the nodes leave it to it."""
+    return any(getattr(lora, "step_conditions", None) is not None for lora in parts.loras)
+
+
 def sample_video(pipeline: ComfyCogVideoX, positive, negative, grid: list[int], **kwargs) -> torch.Tensor:
     """The pipeline's sampler on ``grid``; a TDM-unify student sampled as the K = len(grid) one
-    (c_K hooked on its time embedding for the call only; an untrained K is refused)."""
+    (c_K hooked on its time embedding for the call only; an untrained K is refused). Where the
+    pipeline applies the condition itself (_pipeline_applies_conditions) the node's is unset."""
     conditions = pipeline.step_condition
     if conditions is not None and len(grid) not in conditions.steps:
         raise ValueError(f"TDM CogVideoX Sampler: {pipeline.step_condition_source} is a TDM-unify student trained "

@@ -153,7 +153,8 @@ def test_tdm_sampler_tells_the_model_the_steps_it_samples_or_the_k_it_is_given(p
 def test_cogvideox_nodes_sample_a_unify_lora_as_the_k_of_their_grid(pack, stubs, tmp_path, monkeypatch):
     """TDM CogVideoX LoRA keeps a unify LoRA's condition on the pipeline; the sampler applies c_K for
     K = its grid's length (the same video as the plain LoRA with the library's c_K hook), refuses an
-    untrained K, and leaves no hook behind."""
+    untrained K, and leaves no hook behind (and applies c_K once where tdm_train's pipeline does it
+    too: branch unify)."""
     from export_helpers import tiny_student
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -180,8 +181,8 @@ def test_cogvideox_nodes_sample_a_unify_lora_as_the_k_of_their_grid(pack, stubs,
     loaded = cogvideox.ComfyCogVideoX(parts, {})
     out = cogvideox.TDMCogVideoXLoRA.execute(loaded, "unify.safetensors", "recorded", 1.0, True)
     unify = out.args[0]
-    assert unify.step_condition is not None and loaded.step_condition is None
-    assert "TDM-unify student for K = 2, 4" in out.ui.value
+    assert loaded.step_condition is None and loaded.parts.loras == ()  # the loaded pipeline is unchanged
+    assert "TDM-unify student" in out.ui.value  # the node's line, or the pipeline's once it applies it itself
     plain_pipeline = cogvideox.TDMCogVideoXLoRA.execute(loaded, "plain.safetensors", "recorded", 1.0, True).args[0]
     assert plain_pipeline.step_condition is None
 
@@ -195,6 +196,6 @@ def test_cogvideox_nodes_sample_a_unify_lora_as_the_k_of_their_grid(pack, stubs,
         assert torch.allclose(got, reference, atol=1e-6), grid
         assert (got - without).abs().max() > 1e-4  # c_K changed the video
         assert not target._forward_hooks
-    with pytest.raises(ValueError, match=r"trained for K = \[2, 4\] steps; this grid has 3"):
+    with pytest.raises(ValueError, match=r"trained for (K = )?\[2, 4\] steps[;,]"):
         cogvideox.sample_video(unify, embeds, None, [999, 665, 399], **size)
     assert not target._forward_hooks

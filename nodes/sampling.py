@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
@@ -16,7 +18,7 @@ from tdm_train.presets import PRESETS, sampling_grid
 from tdm_train.sampler import sample_tdm
 
 from .sigmas import grid_sigmas, starts_from_pure_noise
-from .step_condition import with_num_steps
+from .step_condition import sampled_conditions, with_num_steps
 
 CATEGORY = "sampling/TDM"
 
@@ -44,6 +46,12 @@ class TDMKSAMPLER(comfy.samplers.KSAMPLER):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         self._pure_noise = denoise_mask is None and starts_from_pure_noise(latent_image)
+        if (not self._pure_noise and "num_steps" not in self.extra_options
+                and sampled_conditions((extra_args or {}).get("model_options")) is not None):
+            logging.warning("TDM Sampler: img2img on a TDM-unify student: it is conditioned on K = %d, the number "
+                            "of steps these sigmas have. If they are a K-grid cut at a denoise level, the student "
+                            "of that grid's K is the one to ask for: use the TDM KSampler (its denoise keeps the "
+                            "full grid's K)", len(sigmas) - 1)
         return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
     def max_denoise(self, model_wrap, sigmas):

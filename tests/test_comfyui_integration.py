@@ -268,6 +268,29 @@ def test_unify_lora_conditions_the_student_on_the_steps_the_tdm_samplers_sample(
     assert "exported for 2 sampling steps" in out["engine_other_k_error"] and "not 4" in out["engine_other_k_error"]
 
 
+def test_unify_training_saves_the_students_condition_and_returns_a_model_that_carries_it(tiny_models, tmp_path):
+    """Runs in ComfyUI's Python (no server): TDM Train LoRA with unify_steps 1, 2 (3 steps, tiny
+    SD1.5). With a trainer that conditions the student on K (tdm_train's step_conditions(), branch
+    unify), the native and diffusers files carry c_1, c_2 (ComfyUI path time_embed.2), the MODEL
+    it returns carries the condition and samples exactly as the saved file through the TDM LoRA
+    Loader at K = 1 and 2; either way no trainer hook stays on the shared diffusion model."""
+    out = _check_in_comfy("check_unify_training_in_comfy.py", tiny_models, tmp_path, timeout=600)
+    assert out["hooks_left_on_the_shared_model"] == 0 and out["input_model_wrapper"] == []
+    assert not out["lora_model_output_has_condition_keys"]  # LORA_MODEL: weights only, for core's LoRA nodes
+    if not out["trainer_conditions_the_student"]:
+        assert out["native_condition_keys"] == [] and out["student_wrapper"] == []
+        pytest.skip("this tdm_train's trainer does not condition the student on K (TDMTrainer.step_conditions)")
+    assert out["native_condition_keys"] == out["diffusers_condition_keys"] == ["tdm_step_embedding.k1",
+                                                                               "tdm_step_embedding.k2"]
+    assert out["native_step_embedding_metadata"]["comfy_target"] == "time_embed.2"
+    assert out["native_step_embedding_metadata"]["steps"] == [1, 2]
+    assert min(out["condition_norms"].values()) > 0  # trained away from the zero initialisation
+    assert out["student_wrapper"] == ["tdm_step_condition"]
+    assert "TDM-unify student for K = 1, 2" in out["summary"] and "TDM-unify student for K = 1, 2" in out["loader_summary"]
+    assert out["student_vs_loaded_k1"] < 1e-5 and out["student_vs_loaded_k2"] < 1e-5
+    assert out["hooks_after_sampling"] == 0
+
+
 def test_sdxl_student_lora_names_all_load_in_comfyuis_lora_loader():
     """Every module of an SDXL student LoRA (real SDXL UNet config, default targets and the wide
     LCM/DMD2 list) has a key that ComfyUI's LoRA key map accepts: zero "lora key not loaded"."""

@@ -199,3 +199,17 @@ def test_cogvideox_nodes_sample_a_unify_lora_as_the_k_of_their_grid(pack, stubs,
     with pytest.raises(ValueError, match=r"trained for (K = )?\[2, 4\] steps[;,]"):
         cogvideox.sample_video(unify, embeds, None, [999, 665, 399], **size)
     assert not target._forward_hooks
+
+
+def test_img2img_through_the_tdm_sampler_on_a_unify_student_warns_about_the_cut_grid(pack, stubs, caplog):
+    sampling = submodule(pack, "sampling")
+    wrapper = submodule(pack, "step_condition").StepConditionWrapper(_conditions(), "unify.safetensors")
+    model_wrap = SimpleNamespace(inner_model=SimpleNamespace(model_sampling=SimpleNamespace(sigma_max=14.6)))
+    sigmas, noise, image = torch.tensor([1.3672, 0.6299, 0.0]), torch.randn(1, 4, 2, 2), torch.ones(1, 4, 2, 2)
+    with caplog.at_level(logging.WARNING):
+        sampling.tdm_sampler(0.0).sample(model_wrap, sigmas, _extra_args(wrapper), None, noise, latent_image=image)
+        sampling.tdm_sampler(0.0, num_steps=4).sample(model_wrap, sigmas, _extra_args(wrapper), None, noise,
+                                                      latent_image=image)  # the TDM KSampler: K is known
+        sampling.tdm_sampler(0.0).sample(model_wrap, sigmas, _extra_args(), None, noise, latent_image=image)
+    warnings = [r.getMessage() for r in caplog.records if "img2img on a TDM-unify student" in r.getMessage()]
+    assert len(warnings) == 1 and "conditioned on K = 2" in warnings[0]

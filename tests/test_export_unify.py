@@ -2,6 +2,7 @@
 required, c_K is folded into the bias before tracing, engine.json records K and unify_steps, and
 the export is sampled with K steps only."""
 
+import dataclasses
 import json
 
 import pytest
@@ -103,3 +104,15 @@ def test_missing_or_untrained_k_and_num_steps_on_a_plain_lora_are_clear_errors(u
     assert main([*base, "--lora", str(plain), "--num-steps", "2"]) == EXIT_BAD_INPUT
     assert "carries no step condition" in capsys.readouterr().err
     assert not (tmp_path / "engine.json").exists()
+
+
+def test_refit_refuses_the_weights_of_another_k(unify):
+    from export.manifest import load_manifest
+    from export.tensorrt_engine import check_refit_steps
+
+    manifest = load_manifest(unify[4])
+    check_refit_steps(manifest, manifest)  # the same K: fine
+    with pytest.raises(ValueError, match="the engine is the K=2 TDM-unify student, the ONNX the K=4"):
+        check_refit_steps(manifest, dataclasses.replace(manifest, num_steps=4))
+    with pytest.raises(ValueError, match="the ONNX a fixed-K student"):
+        check_refit_steps(manifest, dataclasses.replace(manifest, num_steps=None, unify_steps=None))

@@ -73,8 +73,11 @@ class ExportedStudent:
 
     def generate(self, cond: dict, noise: torch.Tensor, timesteps: list[int] | None = None, eta: float = 0.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """The few-step trajectory from pure N(0, I) ``noise`` on the trained timesteps."""
-        return tdm_sample(lambda x, t: self.x0(x, t, cond), noise, timesteps or self.manifest.timesteps,
+        """The few-step trajectory from pure N(0, I) ``noise`` on the trained timesteps (an export
+        of a TDM-unify student refuses a grid of another step count than its K)."""
+        timesteps = timesteps or self.manifest.timesteps
+        self.manifest.check_steps(len(timesteps))
+        return tdm_sample(lambda x, t: self.x0(x, t, cond), noise, timesteps,
                           self.schedule, eta=eta, generator=generator)
 
 

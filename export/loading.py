@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tdm_train.lora.merge import fuse_lora
+from tdm_train.lora.step_embedding import StepConditions, fold_into_bias
 from tdm_train.training.teachers import PIPELINE_CLASSES, pipeline_class_name
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
@@ -27,6 +28,8 @@ class LoadedStudent:
     scheduler_config: dict
     timesteps: list[int]
     source: dict = field(default_factory=dict)
+    num_steps: int | None = None  # a TDM-unify student: the K whose c_K is folded in
+    unify_steps: list[int] | None = None  # ... and every K it was trained for
 
 
 def pipeline_family(folder: Path) -> str:
@@ -38,8 +41,35 @@ def pipeline_family(folder: Path) -> str:
     return FAMILY_OF_PIPELINE[name]
 
 
+def unify_grid(conditions: StepConditions, num_steps: int | None, timesteps: list[int] | None, metadata: dict,
+               source: str) -> list[int]:
+    """The grid of the K a TDM-unify student is exported for (the uniform K-grid it was trained
+    on, T_s from its tdm.sampling metadata, default 900); refuses a missing or untrained K."""
+    trained = ", ".join(map(str, conditions.steps))
+    if num_steps is None:
+        raise ValueError(f"{source} is a TDM-unify LoRA trained for K = {trained} sampling steps: an export is for "
+                         f"one of them, pass --num-steps K (one of {trained})")
+    try:
+        conditions.vector(num_steps)
+    except ValueError:
+        raise ValueError(f"--num-steps {num_steps}: {source} is a TDM-unify LoRA trained for K = {trained} "
+                         f"sampling steps, not {num_steps}") from None
+    if timesteps is not None:
+        if len(timesteps) != num_steps:
+            raise ValueError(f"--timesteps lists {len(timesteps)} timesteps for --num-steps {num_steps}")
+        return timesteps
+    try:
+        total = int(json.loads(metadata.get("tdm.sampling", "{}")).get("total_steps", 900))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        total = 900
+    return tdm_timesteps(num_steps, total)
+
+
 def load_student(model: str | Path, lora: str | Path | None = None, strength: float | None = None,
-                 config: str | Path | None = None, timesteps: list[int] | None = None) -> LoadedStudent:
+                 config: str | Path | None = None, timesteps: list[int] | None = None,
+                 num_steps: int | None = None) -> LoadedStudent:
+    """``num_steps``: for a TDM-unify LoRA (one student for several K), the K to export: its c_K
+    is folded into the timestep embedding's bias, and the grid is that K's."""
     import diffusers
 
     model = Path(model)
@@ -69,14 +99,26 @@ def load_student(model: str | Path, lora: str | Path | None = None, strength: fl
     scheduler_config = json.loads(scheduler_path.read_text())
     source = {"model": str(model.resolve()), "config": str(folder.resolve())}
     recorded = None
+    conditions = None
     if lora is not None:
         fused = fuse_lora(denoiser, lora, strength)
         source["lora"] = {"file": str(Path(lora).resolve()), "strength": fused.strength,
                           "strength_source": fused.strength_source, "modules": fused.modules}
         if "tdm.timesteps" in fused.metadata:
             recorded = json.loads(fused.metadata["tdm.timesteps"])
+        conditions = StepConditions.read(lora)
+    if conditions is not None:
+        timesteps = unify_grid(conditions, num_steps, timesteps, fused.metadata, str(lora))
+        fold_into_bias(denoiser, conditions, num_steps)
+        source["lora"]["step_condition"] = {"target": conditions.target, "num_steps": int(num_steps),
+                                            "unify_steps": conditions.steps}
+    elif num_steps is not None:
+        raise ValueError(f"--num-steps {num_steps} is for TDM-unify LoRAs (one student for several step counts); "
+                         f"{lora or 'the base model'} carries no step condition: give its grid with --timesteps")
     grid = timesteps or recorded or (list(COGVIDEOX_TIMESTEPS) if family == "cogvideox" else tdm_timesteps(4))
-    return LoadedStudent(family, denoiser.eval(), scheduler_config, validate_timesteps(grid), source)
+    return LoadedStudent(family, denoiser.eval(), scheduler_config, validate_timesteps(grid), source,
+                         int(num_steps) if conditions is not None else None,
+                         conditions.steps if conditions is not None else None)
 
 
 def vae_scale_factor(folder: Path) -> int:
@@ -101,7 +143,7 @@ def reference_module(manifest, model: str | Path | None = None, lora: str | Path
         model, config = source["model"], source.get("config")
         if "lora" in source:
             lora, strength = source["lora"]["file"], source["lora"]["strength"]
-    student = load_student(model, lora, strength, config)
+    student = load_student(model, lora, strength, config, num_steps=manifest.num_steps if lora is not None else None)
     if student.family != manifest.family:
         raise ValueError(f"--model is a {student.family} model but the export is {manifest.family}")
     return family_spec(manifest.family, student.model, shapes_from_manifest(manifest), "fp32").module

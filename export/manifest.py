@@ -56,6 +56,17 @@ class EngineManifest:
     versions: dict = field(default_factory=dict)
     engines: list[dict] = field(default_factory=list)  # one entry per TensorRT engine built
     format: str = FORMAT
+    # a TDM-unify student (one student for several step counts) is exported for ONE K: its c_K is
+    # folded into the network, so it must be sampled with exactly num_steps steps
+    num_steps: int | None = None
+    unify_steps: list[int] | None = None
+
+    def check_steps(self, num_steps: int) -> None:
+        """Refuses sampling an export of a TDM-unify student with another step count than its K."""
+        if self.num_steps is not None and int(num_steps) != self.num_steps:
+            raise ValueError(f"this export is the {self.num_steps}-step TDM-unify student (c_{self.num_steps} folded "
+                             f"in; trained for K = {self.unify_steps}), not a {num_steps}-step one: sample it with "
+                             f"{self.num_steps} steps, or export the LoRA again with --num-steps {num_steps}")
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:

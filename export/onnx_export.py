@@ -103,7 +103,8 @@ def _on(parameter: torch.Tensor, case: dict[str, torch.Tensor], names: list[str]
 def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: ExportShapes, scheduler_config: dict,
                 timesteps: list[int], signature: str = "diffusers", source: dict | None = None,
                 opset: int | None = None, exporter: str = "torchscript", external_data: str = "auto",
-                tolerance: Tolerance | None = None, threads: int | None = None) -> EngineManifest:
+                tolerance: Tolerance | None = None, threads: int | None = None, num_steps: int | None = None,
+                unify_steps: list[int] | None = None) -> EngineManifest:
     """Writes ``model.onnx`` (+ ``.data``), ``model.opt.onnx`` and ``engine.json`` into ``out_dir``.
     The reference outputs are taken from the module as it comes (float32 from the CLI; a ComfyUI
     model in its own dtype and device) before it is cast to ``dtype``. Raises :class:`ValidationFailed` (after writing the manifest with the figures)
@@ -153,6 +154,8 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
                 "dynamic_axes": {k: {str(a): n for a, n in v.items()} for k, v in spec.dynamic_axes.items()},
                 **counts},
         source=source or {}, versions=versions(),
+        num_steps=None if num_steps is None else int(num_steps),
+        unify_steps=None if unify_steps is None else [int(k) for k in unify_steps],
     )
     manifest.save(out_dir)  # before validation, so a failing export can still be inspected
 

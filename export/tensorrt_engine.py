@@ -351,6 +351,18 @@ def _deserialize(trt, runtime, engine_path: Path, manifest: EngineManifest | Non
                        "(`python -m export.trt build` on its folder).")
 
 
+def check_refit_steps(engine_manifest: EngineManifest | None, onnx_manifest: EngineManifest | None) -> None:
+    """An engine keeps its engine.json: refitting it with the weights of another K of a TDM-unify
+    student (or of a fixed-K student into a unify engine) would leave that record wrong."""
+    if engine_manifest is None or onnx_manifest is None:
+        return
+    if engine_manifest.num_steps != onnx_manifest.num_steps:
+        def what(m):
+            return f"the K={m.num_steps} TDM-unify student" if m.num_steps is not None else "a fixed-K student"
+        raise ValueError(f"refit: the engine is {what(engine_manifest)}, the ONNX {what(onnx_manifest)}: its c_K is "
+                         "part of the weights and engine.json records the engine's K; build a new engine instead")
+
+
 def refit_engine(engine_path: str | Path, onnx_path: str | Path) -> int:
     """Replace the weights of a refittable engine (built with ``refit=True``) by those of
     ``onnx_path``, in place; return the number of weights refitted.
@@ -362,6 +374,7 @@ def refit_engine(engine_path: str | Path, onnx_path: str | Path) -> int:
     for path in (engine_path, onnx_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found")
+    check_refit_steps(_manifest_if_any(engine_path), _manifest_if_any(onnx_path))
     trt = require_tensorrt()
     trt_logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(trt_logger, "")

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="weights in one model.onnx.data file: auto = over 2 GB (or on Windows)")
     onnx.add_argument("--timesteps", type=_timesteps, help="TDM timesteps recorded for the runtime (default: the "
                       "LoRA's tdm.timesteps, else 899,674,449,224; CogVideoX 999,856,665,399)")
+    onnx.add_argument("--num-steps", type=int, help="a TDM-unify LoRA (one student for several step counts): the "
+                      "step count K to export (required; its c_K is folded in, the grid is K's, and engine.json "
+                      "records K: the export is sampled with K steps only)")
     onnx.add_argument("--min-cosine", type=float, help="override the dtype's cosine tolerance")
     onnx.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
     onnx.add_argument("--threads", type=int, help="ONNX Runtime threads for validation")
@@ -145,7 +148,7 @@ def cmd_onnx(args) -> int:
     from .loading import load_student, vae_scale_factor
     from .onnx_export import export_onnx
 
-    student = load_student(args.model, args.lora, args.lora_strength, args.config, args.timesteps)
+    student = load_student(args.model, args.lora, args.lora_strength, args.config, args.timesteps, args.num_steps)
     folder = Path(args.model if Path(args.model).is_dir() else args.config)
     factor = vae_scale_factor(folder)
     defaults = {"sdxl": (1024, 512), "sd15": (512, 512), "pixart": (1024, 512), "cogvideox": None}[student.family]
@@ -169,7 +172,8 @@ def cmd_onnx(args) -> int:
     manifest = export_onnx(spec, args.out_dir, dtype=args.dtype, shapes=shapes,
                            scheduler_config=student.scheduler_config, timesteps=student.timesteps,
                            source=student.source, opset=args.opset, exporter=args.exporter,
-                           external_data=args.external_data, tolerance=tolerance, threads=args.threads)
+                           external_data=args.external_data, tolerance=tolerance, threads=args.threads,
+                           num_steps=student.num_steps, unify_steps=student.unify_steps)
     _print_validation(manifest.validation)
     print(f"wrote {Path(args.out_dir) / 'engine.json'} ({manifest.family}, {manifest.dtype}, "
           f"{manifest.export['nodes_optimized']} nodes after folding)")
@@ -356,7 +360,8 @@ def cmd_generate(args) -> int:
             image = image[0]  # first frame of a video
         with atomic.atomic_path(out) as tmp:
             Image.fromarray((image.numpy() * 255).round().astype("uint8")).save(tmp)
-    print(f"wrote {out} ({student.runner.kind}, {len(manifest.timesteps)} steps {manifest.timesteps})")
+    unify = f", the K={manifest.num_steps} TDM-unify student" if manifest.num_steps is not None else ""
+    print(f"wrote {out} ({student.runner.kind}, {len(manifest.timesteps)} steps {manifest.timesteps}{unify})")
     return 0
 
 

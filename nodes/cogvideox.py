@@ -14,6 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 
 import folder_paths
+from tdm_train.lora.step_embedding import StepConditions, _target_module, applied
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
 CATEGORY = "TDM/CogVideoX"
@@ -48,10 +49,13 @@ class _Held(torch.nn.Module):
 
 @dataclass(frozen=True)
 class ComfyCogVideoX:
-    """The pipeline parts and the patchers ComfyUI moves them with."""
+    """The pipeline parts and the patchers ComfyUI moves them with; a TDM-unify LoRA's step
+    condition (c_K per trained K, added to the transformer's time embedding while sampling)."""
 
     parts: object  # tdm_train.pipelines.cogvideox.CogVideoXParts
     patchers: dict
+    step_condition: StepConditions | None = None
+    step_condition_source: str = ""
 
     def load(self, *names: str) -> torch.device:
         import comfy.model_management
@@ -131,9 +135,50 @@ class TDMCogVideoXLoRA(io.ComfyNode):
     def execute(cls, pipeline, lora_name, strength_source, strength, fuse) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         parts = pipeline.parts.with_lora(path, None if strength_source == "recorded" else strength, fuse)
-        report = "\n".join(parts.lora_report())
+        lines = list(parts.lora_report())
+        changes = {"parts": parts}
+        conditions = StepConditions.read(path)
+        if conditions is not None and not _pipeline_applies_conditions(parts):
+            changes.update(step_condition=with_step_condition(pipeline, conditions, lora_name),
+                           step_condition_source=lora_name)
+            lines.append(f"{lora_name}: TDM-unify student for K = {', '.join(map(str, conditions.steps))} steps "
+                         f"(c_K on {conditions.target}): the TDM CogVideoX Sampler conditions it on its grid's "
+                         "step count")
+        report = "\n".join(lines)
         logging.info("TDM CogVideoX LoRA: %s", report.replace("\n", "; "))
-        return io.NodeOutput(replace(pipeline, parts=parts), ui=ui.PreviewText(report))
+        return io.NodeOutput(replace(pipeline, **changes), ui=ui.PreviewText(report))
+
+
+def with_step_condition(pipeline: ComfyCogVideoX, conditions: StepConditions, source: str) -> StepConditions:
+    """Checks a TDM-unify LoRA's step condition against the transformer (its layer, its width);
+    one pipeline carries one (a second unify LoRA replaces the first, with a warning)."""
+    module = _target_module(pipeline.parts.transformer, conditions.target)
+    if module.out_features != conditions.dim:
+        raise ValueError(f"TDM CogVideoX LoRA: {source}'s step condition has width {conditions.dim}, "
+                         f"{conditions.target} of this transformer {module.out_features} (a LoRA for another size?)")
+    if pipeline.step_condition is not None:
+        logging.warning("TDM CogVideoX LoRA: %s replaces the step condition of %s", source,
+                        pipeline.step_condition_source)
+    return conditions
+
+
+def _pipeline_applies_conditions(parts) -> bool:
+    """Whether tdm_train's pipeline applies its LoRAs' step conditions itself (its AppliedLora
+    carries them, and ``sample`` adds c_K for its grid's K): then the nodes leave it to it."""
+    return any(getattr(lora, "step_conditions", None) is not None for lora in parts.loras)
+
+
+def sample_video(pipeline: ComfyCogVideoX, positive, negative, grid: list[int], **kwargs) -> torch.Tensor:
+    """The pipeline's sampler on ``grid``; a TDM-unify student sampled as the K = len(grid) one
+    (c_K hooked on its time embedding for the call only; an untrained K is refused). Where the
+    pipeline applies the condition itself (_pipeline_applies_conditions) the node's is unset."""
+    conditions = pipeline.step_condition
+    if conditions is not None and len(grid) not in conditions.steps:
+        raise ValueError(f"TDM CogVideoX Sampler: {pipeline.step_condition_source} is a TDM-unify student trained "
+                         f"for K = {conditions.steps} steps; this grid has {len(grid)} ({grid}): sample it with one "
+                         f"of {conditions.steps} steps")
+    with applied(pipeline.parts.transformer, conditions, len(grid)):
+        return pipeline.parts.sample(positive, negative, timesteps=grid, **kwargs)
 
 
 class TDMCogVideoXTextEncode(io.ComfyNode):
@@ -205,8 +250,8 @@ class TDMCogVideoXSampler(io.ComfyNode):
             progress.update_absolute(step, len(grid))
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        latents = pipeline.parts.sample(positive, negative, seed=seed, frames=frames, height=height, width=width,
-                                        timesteps=grid, eta=eta, cfg=cfg, callback=on_step, device=device)
+        latents = sample_video(pipeline, positive, negative, grid, seed=seed, frames=frames, height=height,
+                               width=width, eta=eta, cfg=cfg, callback=on_step, device=device)
         # ComfyUI's video latent layout [B, C, F, h, w]
         return io.NodeOutput({"samples": latents.permute(0, 2, 1, 3, 4).cpu()})
 

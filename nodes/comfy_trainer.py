@@ -10,6 +10,10 @@ protocol, its two adapter sets as ComfyUI weight wrappers, and the LoRA files it
   model itself (``extra_conds``: SDXL's y, PixArt's size conditions), once, before training.
 - The LoRA is saved in ComfyUI's native keys (``diffusion_model.<path>.lora_up/lora_down/alpha``,
   true alpha), plus, for SDXL, the diffusers / kohya files of lora_export for diffusers users.
+- A TDM-unify run (several K) whose trainer conditions the student on K (``step_conditions()``)
+  writes c_K per trained K into every file (``tdm_step_embedding.k<K>`` + ``tdm.step_embedding``,
+  ComfyUI path ``time_embed.2`` / ``t_embedder.mlp.2``), and the MODEL it returns carries the
+  condition as the TDM LoRA Loader's does (nodes/step_condition.py).
 """
 
 from __future__ import annotations
@@ -216,18 +220,35 @@ class ComfyTDMTrainer(TDMTrainer):
     family: str
     unet_config: dict | None = None
 
+    def student_conditions(self):
+        """The K-conditioned student's StepConditions (the library trainer's ``step_conditions()``,
+        with ComfyUI's layer name as comfy_target), None for a fixed-K student or a trainer that
+        does not condition the student on K."""
+        method = getattr(super(), "step_conditions", None)
+        conditions = method() if method is not None else None
+        if conditions is not None and not conditions.comfy_target:
+            raise ValueError(f"the student's step condition is on {conditions.target}, which has no ComfyUI name")
+        return conditions
+
     def export_lora(self) -> tuple[Path, ...]:
         from tdm_train import atomic
         from tdm_train.lora.export import lora_metadata, save_student_lora
 
         cfg = self.config
         state = self.student_state()
+        conditions = self.student_conditions()
         targets = cfg.lora_target_modules or self.backend.default_lora_targets
+        extra = {"unify_steps": conditions.steps} if conditions is not None else None
         metadata = lora_metadata(self.family, cfg.lora_rank, cfg.lora_alpha, targets, self.objective.timesteps,
-                                 self.step, title=f"TDM student ({self.family}, trained in ComfyUI)",
+                                 self.step, extra_sampling=extra,
+                                 title=f"TDM student ({self.family}, trained in ComfyUI)",
                                  training_cfg=cfg.tdm.guidance_scale)
         metadata["modelspec.implementation"] = "comfyui"
-        atomic.save_safetensors(native_lora(state, cfg.lora_alpha), self.lora_path, metadata)
+        native = native_lora(state, cfg.lora_alpha)
+        if conditions is not None:
+            native.update(conditions.tensors())
+            metadata.update(conditions.metadata())
+        atomic.save_safetensors(native, self.lora_path, metadata)
         written = [self.lora_path]
         if self.family in ("sdxl", "sd15") and self.unet_config is not None:
             modules = sorted({k[: -len(".lora_down.weight")] for k in state if k.endswith(".lora_down.weight")})
@@ -236,15 +257,33 @@ class ComfyTDMTrainer(TDMTrainer):
             for module in modules:
                 peft[f"{names[module]}.lora_A.weight"] = state[f"{module}.lora_down.weight"]
                 peft[f"{names[module]}.lora_B.weight"] = state[f"{module}.lora_up.weight"]
+            unify = {"step_conditions": conditions} if conditions is not None else {}
             written += list(save_student_lora(self.output_dir / "diffusers", self.family, peft, cfg.lora_rank,
                                               cfg.lora_alpha, targets, self.objective.timesteps, self.step,
-                                              training_cfg=cfg.tdm.guidance_scale))
+                                              training_cfg=cfg.tdm.guidance_scale, **unify))
         return tuple(written)
+
+
+def _forward_hooks(module: torch.nn.Module) -> dict[torch.nn.Module, set[int]]:
+    return {m: set(m._forward_hooks) for m in module.modules()}
+
+
+def _remove_new_forward_hooks(module: torch.nn.Module, before: dict[torch.nn.Module, set[int]]) -> None:
+    """Takes out the forward hooks the trainer registered (the TDM-unify K embeddings of the fake
+    score and the student sit on the timestep embedding): the diffusion model is shared by every
+    clone of the MODEL, which must run afterwards exactly as loaded (the student MODEL gets its
+    condition back as a per-call wrapper)."""
+    for child in module.modules():
+        for key in set(child._forward_hooks) - before.get(child, set()):
+            del child._forward_hooks[key]
+            child._forward_hooks_with_kwargs.pop(key, None)
+            child._forward_hooks_always_called.pop(key, None)
 
 
 def train_in_comfyui(model, clip, prompts, negative_prompt, width, height, config, dtype, gradient_checkpointing,
                      lora_path):
-    """The training run: returns (MODEL with the student LoRA, its native state dict, history)."""
+    """The training run: returns (MODEL with the student LoRA and, for a K-conditioned TDM-unify
+    student, its step condition; the native LoRA state dict (weights only); history)."""
     import comfy.lora
     import comfy.model_management
     import comfy.utils
@@ -274,6 +313,7 @@ def train_in_comfyui(model, clip, prompts, negative_prompt, width, height, confi
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)  # puts the wrappers in place
         without_inference_tensors(diffusion_model)
 
+        hooks_before = _forward_hooks(diffusion_model)
         trainer = ComfyTDMTrainer(backend, bank, config, accelerator=SingleProcess(device), roles=roles)
         trainer.lora_path, trainer.family = lora_path, family
         trainer.unet_config = patcher.model.model_config.unet_config if family != "pixart" else None
@@ -301,9 +341,15 @@ def train_in_comfyui(model, clip, prompts, negative_prompt, width, height, confi
         finally:
             diffusion_model.eval()
             patcher.weight_wrapper_patches.clear()
+            _remove_new_forward_hooks(diffusion_model, hooks_before)  # the K embeddings (TDM-unify)
             comfy.model_management.unload_all_models()  # takes the training wrappers out of the weights
         state = native_lora(trainer.student_state(), config.lora_alpha)
         patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
         student = model.clone()
         student.add_patches(patches, 1.0)
+        conditions = trainer.student_conditions()
+        if conditions is not None:
+            from .step_condition import attach
+
+            attach(student, conditions, lora_path.name)
     return student, state, trainer.history

@@ -4,6 +4,7 @@ dropdown: the family, schedule and shapes come from the export's engine.json."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from comfy_api.latest import io, ui
 import folder_paths
 from export.families import DTYPES, ExportShapes
 from export.manifest import MANIFEST_NAME
+from tdm_train.lora.step_embedding import applied
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
+
+from .step_condition import APPLY_MODEL, WRAPPER_KEY, FixedStepsWrapper, attached
 
 CATEGORY = "TDM/export"
 FOLDER = "tensorrt"
@@ -50,6 +54,27 @@ def output_folder(name: str) -> Path:
     return folder
 
 
+def unify_export(model, num_steps: int, grid: list[int]):
+    """For a MODEL that carries a TDM-unify step condition (TDM LoRA Loader): (K, trained K, grid,
+    the context that applies c_K while the network is traced, a note). ``num_steps`` 0 takes the
+    largest trained K; a grid of another length than K becomes K's uniform grid. Other models:
+    (None, None, grid, no-op, None); a num_steps for them is refused."""
+    wrapper = attached(model.wrappers)
+    if wrapper is None:
+        if num_steps:
+            raise ValueError(f"TDM Export Engine: num_steps {num_steps} is for a TDM-unify model (a LoRA trained for "
+                             "several step counts, loaded by the TDM LoRA Loader); set it to 0 for this MODEL")
+        return None, None, grid, contextlib.nullcontext(), None
+    k = int(num_steps) or max(wrapper.steps)
+    wrapper.accept(k)  # an untrained K: refused with the trained list
+    note = f"TDM-unify student exported for K = {k} (c_{k} folded in; trained for {wrapper.steps})"
+    if len(grid) != k:
+        grid = tdm_timesteps(k)
+        note += f"; timesteps: the {k}-step grid {grid}"
+    hook = applied(model.model.diffusion_model, wrapper.conditions, k, wrapper.conditions.comfy_target)
+    return k, wrapper.steps, grid, hook, note
+
+
 def _range(low: int, opt: int, high: int, what: str) -> tuple[int, int, int]:
     if not low <= opt <= high:
         raise ValueError(f"TDM Export Engine: {what} needs min <= opt <= max, got {low} / {opt} / {high}")
@@ -84,6 +109,10 @@ class TDMExportEngine(io.ComfyNode):
                                 tooltip="the student's trained timesteps, recorded in engine.json"),
                 io.Boolean.Input("build_tensorrt_engine", default=True,
                                  tooltip="off: ONNX only (runs on ONNX Runtime; no GPU needed)"),
+                io.Int.Input("num_steps", default=0, min=0, max=8,
+                             tooltip="a TDM-unify MODEL (its LoRA trained for several step counts): the K the "
+                                     "engine is for, sampled with K steps only; 0 = the largest trained K. "
+                                     "Leave 0 for other models"),
             ],
             outputs=[io.String.Output("export_folder", display_name="export_folder")],
             is_output_node=True,
@@ -91,7 +120,7 @@ class TDMExportEngine(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, name, dtype, batch_max, height_min, height_opt, height_max, width_min, width_opt,
-                width_max, context_max, timesteps, build_tensorrt_engine) -> io.NodeOutput:
+                width_max, context_max, timesteps, build_tensorrt_engine, num_steps=0) -> io.NodeOutput:
         import comfy.model_management
         from export.deps import require_tensorrt
         from export.onnx_export import export_onnx
@@ -101,6 +130,7 @@ class TDMExportEngine(io.ComfyNode):
         register_engine_folder()
         folder = output_folder(name)
         grid = validate_timesteps([int(t) for t in timesteps.replace(" ", "").split(",") if t] or tdm_timesteps(4))
+        k, unify_steps, grid, step_condition, note = unify_export(model, num_steps, grid)
         if build_tensorrt_engine:
             require_tensorrt()  # before minutes of export, not after
         heights = _range(height_min, height_opt, height_max, "height")
@@ -110,13 +140,16 @@ class TDMExportEngine(io.ComfyNode):
         comfy.model_management.unload_all_models()
         comfy.model_management.load_models_gpu([model], force_patch_weights=True, force_full_load=True)
         spec = comfy_family_spec(model, shapes, dtype)
-        with exportable(model.model.diffusion_model, DTYPES[dtype]):
+        with exportable(model.model.diffusion_model, DTYPES[dtype]), step_condition:
             manifest = export_onnx(spec, folder, dtype=dtype, shapes=shapes, scheduler_config=comfy_scheduler_config(model),
                                    timesteps=grid, signature="comfyui",
                                    source={"comfyui_model": type(model.model.model_config).__name__,
-                                           "patches": len(model.patches)})
+                                           "patches": len(model.patches)},
+                                   num_steps=k, unify_steps=unify_steps)
         lines = [f"{folder}: {manifest.family} {dtype} ONNX, ONNX Runtime vs PyTorch max |error| "
                  f"{max(c['max_abs'] for c in manifest.validation['cases']):.3g}"]
+        if note:
+            lines.append(note)
         if build_tensorrt_engine:
             from export.tensorrt_engine import build_engine
 
@@ -163,6 +196,11 @@ class TDMEngineLoader(io.ComfyNode):
         model = comfy_model(runner, manifest, device, comfy.model_management.unet_offload_device())
         summary = (f"{engine_name}: {manifest.family} {manifest.dtype} ({runner.kind}), "
                    f"{runner.memory_bytes / 2**20:.1f} MiB, timesteps {manifest.timesteps}")
+        if manifest.num_steps is not None:  # the TDM samplers are refused another step count
+            model.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY,
+                                       FixedStepsWrapper(manifest.num_steps, manifest.unify_steps or [], engine_name))
+            summary += (f"\nTDM-unify student exported for K = {manifest.num_steps} (trained for "
+                        f"{manifest.unify_steps}): sample it with {manifest.num_steps} steps")
         return io.NodeOutput(model, ui=ui.PreviewText(summary))
 
 

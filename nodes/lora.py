@@ -12,8 +12,10 @@ import comfy.lora_convert
 import comfy.utils
 import folder_paths
 from tdm_train.lora.metadata import describe_unmatched, recommend
+from tdm_train.lora.step_embedding import StepConditions, without_step_condition
 
 from .sampling import CATEGORY
+from .step_condition import attach, describe
 
 NOT_LOADED_PREFIX = "lora key not loaded: "
 
@@ -44,7 +46,9 @@ def _collect_not_loaded():
 
 def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float):
     """Returns (patched model clone, summary). Refuses a LoRA none of whose keys fit the model,
-    naming the keys; warns (and reports) when only some of them fit."""
+    naming the keys; warns (and reports) when only some of them fit. A TDM-unify LoRA's step
+    condition (tdm_step_embedding.k<K>) is not a weight patch: it goes on the MODEL as an
+    apply_model wrapper that the TDM samplers tell K (nodes/step_condition.py)."""
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     try:
         state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
@@ -59,6 +63,8 @@ def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float)
     else:
         applied, source = strength, "manual"
 
+    conditions = StepConditions.from_state(state_dict, metadata, lora_name)
+    state_dict = without_step_condition(state_dict)  # not LoRA weights: load_lora would report them
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     converted = comfy.lora_convert.convert_lora(state_dict)
     with _collect_not_loaded() as unmatched:
@@ -71,6 +77,8 @@ def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float)
     patched = model.clone()
     patched.add_patches(patches, applied)
     lines = [f"{lora_name}: strength {applied:g} ({source}); {len(patches)} weights patched"]
+    if conditions is not None:
+        lines.append(describe(attach(patched, conditions, lora_name)))
     if unmatched:
         warning = describe_unmatched(unmatched, len(converted))
         logging.warning("TDM LoRA Loader: %s", warning)
@@ -89,7 +97,9 @@ class TDMLoraLoader(io.ComfyNode):
             category=CATEGORY,
             description="Applies a TDM LoRA to the diffusion model at the strength recorded for it (its tdm.* "
                         "metadata, or the official release's, e.g. 0.125 for the TDM SD3 LoRA) unless set "
-                        "manually, and reports LoRA keys that did not load.",
+                        "manually, and reports LoRA keys that did not load. A TDM-unify LoRA (one student for "
+                        "several step counts) also carries its step condition, which the TDM Sampler and TDM "
+                        "KSampler set to the number of steps they sample.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
@@ -16,15 +18,19 @@ from tdm_train.presets import PRESETS, sampling_grid
 from tdm_train.sampler import sample_tdm
 
 from .sigmas import grid_sigmas, starts_from_pure_noise
+from .step_condition import sampled_conditions, with_num_steps
 
 CATEGORY = "sampling/TDM"
 
 
-def tdm_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0):
+def tdm_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, num_steps=None):
     """tdm_train's sampler under ComfyUI's k-diffusion protocol: the flavour of the state (VE for
     discrete models, CONST for flow models) comes from the model's own model_sampling, and fresh
-    noise for eta > 0 from ComfyUI's seeded noise sampler."""
+    noise for eta > 0 from ComfyUI's seeded noise sampler. The model calls carry the step count K
+    (``num_steps``, default: the steps sampled, ``len(sigmas) - 1``) for a TDM-unify student's
+    step condition (nodes/step_condition.py), which refuses a K it was not trained for."""
     extra_args = {} if extra_args is None else extra_args
+    extra_args = with_num_steps(extra_args, num_steps if num_steps is not None else len(sigmas) - 1)
     model_sampling = model.inner_model.inner_model.model_sampling
     flow = isinstance(model_sampling, comfy.model_sampling.CONST)
     noise_sampler = None
@@ -40,14 +46,23 @@ class TDMKSAMPLER(comfy.samplers.KSAMPLER):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         self._pure_noise = denoise_mask is None and starts_from_pure_noise(latent_image)
+        if (not self._pure_noise and "num_steps" not in self.extra_options
+                and sampled_conditions((extra_args or {}).get("model_options")) is not None):
+            logging.warning("TDM Sampler: img2img on a TDM-unify student: it is conditioned on K = %d, the number "
+                            "of steps these sigmas have. If they are a K-grid cut at a denoise level, the student "
+                            "of that grid's K is the one to ask for: use the TDM KSampler (its denoise keeps the "
+                            "full grid's K)", len(sigmas) - 1)
         return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
     def max_denoise(self, model_wrap, sigmas):
         return getattr(self, "_pure_noise", False) or super().max_denoise(model_wrap, sigmas)
 
 
-def tdm_sampler(eta: float = 0.0) -> TDMKSAMPLER:
-    return TDMKSAMPLER(tdm_sampler_function, extra_options={"eta": float(eta)})
+def tdm_sampler(eta: float = 0.0, num_steps: int | None = None) -> TDMKSAMPLER:
+    """``num_steps``: the K a TDM-unify student is conditioned on when it is not the number of
+    steps sampled (the TDM KSampler's img2img: its K-grid cut at the denoise level)."""
+    options = {"eta": float(eta)} if num_steps is None else {"eta": float(eta), "num_steps": int(num_steps)}
+    return TDMKSAMPLER(tdm_sampler_function, extra_options=options)
 
 
 def _grid_inputs():
@@ -144,6 +159,8 @@ class TDMKSampler(io.ComfyNode):
         if negative is None and cfg != 1.0:
             raise ValueError(f"TDM KSampler: cfg {cfg} needs a negative conditioning (or set cfg to 1.0)")
         sigmas = _sigmas(model, preset, steps, total_steps, shift, custom_timesteps, denoise)
+        full_grid = sampling_grid(preset, steps, total_steps, shift, custom_timesteps, 1.0)
+        num_steps = len(full_grid.timesteps or full_grid.sigmas)  # img2img: the K of the grid it cuts
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
@@ -152,7 +169,7 @@ class TDMKSampler(io.ComfyNode):
         guider.inner_set_conds(conds)
         guider.set_cfg(cfg)
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
-        out = guider.sample(noise, samples, tdm_sampler(eta), sigmas, denoise_mask=latent.get("noise_mask"),
+        out = guider.sample(noise, samples, tdm_sampler(eta, num_steps), sigmas, denoise_mask=latent.get("noise_mask"),
                             callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         latent["samples"] = out.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(latent)

@@ -16,6 +16,7 @@ from tdm_train.recipes import RECOMMENDED_GUIDANCE, resolve_guidance
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
 from .comfy_trainer import train_in_comfyui, training_family
+from .step_condition import attached, describe
 
 CATEGORY = "training/TDM"
 NO_FILE = "(none)"
@@ -217,6 +218,8 @@ class TDMTrainLoRA(io.ComfyNode):
                    f"timesteps {list(tdm.timesteps or tdm_timesteps(max(unify or [num_steps])))}, "
                    f"training CFG {guidance:g} ({guidance_source}); "
                    f"non-finite steps skipped: {sum(1 for h in history if h.get('skipped_nonfinite'))}")
+        if attached(student.wrappers) is not None:  # a K-conditioned TDM-unify student
+            summary += "; " + describe(attached(student.wrappers))
         logging.info("TDM Train LoRA: %s", summary)
         return io.NodeOutput(student, lora_state, loss_curve(history), str(lora_path), ui=ui.PreviewText(summary))
 

@@ -218,6 +218,79 @@ def test_sigmas_and_sampler_through_comfyuis_own_model_sampling_and_ksampler():
     assert out["flow_model_timesteps"] == pytest.approx([999.83, 947.17, 856.90, 666.37], abs=0.01)
 
 
+def _check_in_comfy(script: str, *args, timeout: int = 400) -> dict:
+    run = subprocess.run([COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / script), str(ROOT), *map(str, args)],
+                         cwd=COMFYUI_DIR, env={**os.environ, "PYTHONPATH": COMFYUI_DIR}, capture_output=True,
+                         text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """make_tiny_models.py's files (tiny SD1.5 checkpoint, LoRAs), without a server."""
+    out = tmp_path_factory.mktemp("tiny_models")
+    made = subprocess.run([COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "make_tiny_models.py"), str(out)],
+                          cwd=COMFYUI_DIR, env={**os.environ, "PYTHONPATH": COMFYUI_DIR}, capture_output=True,
+                          text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    return out
+
+
+def test_unify_lora_conditions_the_student_on_the_steps_the_tdm_samplers_sample(tiny_models, tmp_path):
+    """Runs in ComfyUI's Python (no server): a TDM-unify LoRA (kohya keys + c_K for K = 1, 2, 4)
+    through the TDM LoRA Loader onto the tiny SD1.5 MODEL, sampled by ComfyUI's guider: the TDM
+    KSampler at 2 steps equals the plain LoRA with the library's c_2 hook on time_embed.2, the
+    TDM Sampler via sample_custom at 4 steps the c_4 one, img2img (denoise 0.5 on the 4-step grid)
+    the c_4 one; an untrained K is refused with the trained list; a stock sampler (euler) runs as
+    K = 4 with a warning; no hook stays registered and the loader's input model has no wrapper.
+    Then the TDM Export Engine at num_steps 2 and the TDM Engine Loader: the engine samples as the
+    PyTorch K = 2 student and refuses 4 steps."""
+    out = _check_in_comfy("check_unify_in_comfy.py", tiny_models, tmp_path)
+    assert "TDM-unify student for K = 1, 2, 4" in out["summary"] and "3 weights patched" in out["summary"]
+    assert out["not_loaded_messages"] == []  # the tdm_step_embedding.k<K> keys never reach comfy.lora.load_lora
+    assert out["patches"] == [3, 3]
+    assert out["wrapper_keys"] == {"unify": ["tdm_step_condition"], "plain": [], "loader_input": []}
+    assert out["clone_keeps_it"] == ["tdm_step_condition"]
+    assert out["ksampler_k2_vs_reference"] < 1e-5
+    assert out["ksampler_k2_vs_no_condition"] > 1e-3 and out["ksampler_k2_vs_c4"] > 1e-3  # c_K matters, and which K
+    assert out["sampler_custom_k4_vs_reference"] < 1e-5
+    assert out["img2img_vs_c4"] < 1e-5 and out["img2img_vs_c2"] > 1e-3
+    assert "trained for [1, 2, 4] steps, not 3" in out["untrained_error"]
+    assert out["euler_vs_c4"] < 1e-5 and len(out["euler_warnings"]) == 1
+    for key in ("hooks_after_sampling", "hooks_after_sampler_custom", "hooks_after_refusal", "hooks_at_end",
+                "hooks_after_export"):
+        assert out[key] == 0, key
+    # TDM Export Engine at num_steps 2 -> TDM Engine Loader -> TDM KSampler: the PyTorch student at K = 2
+    assert out["manifest"] == {"num_steps": 2, "unify_steps": [1, 2, 4], "timesteps": [899, 449]}
+    assert "TDM-unify student exported for K = 2" in out["export_summary"]
+    assert out["engine_vs_pytorch_k2"] < 1e-4 * max(1.0, out["scale"])
+    assert "exported for 2 sampling steps" in out["engine_other_k_error"] and "not 4" in out["engine_other_k_error"]
+
+
+def test_unify_training_saves_the_students_condition_and_returns_a_model_that_carries_it(tiny_models, tmp_path):
+    """Runs in ComfyUI's Python (no server): TDM Train LoRA with unify_steps 1, 2 (3 steps, tiny
+    SD1.5). With a trainer that conditions the student on K (tdm_train's step_conditions(), branch
+    unify), the native and diffusers files carry c_1, c_2 (ComfyUI path time_embed.2), the MODEL
+    it returns carries the condition and samples exactly as the saved file through the TDM LoRA
+    Loader at K = 1 and 2; either way no trainer hook stays on the shared diffusion model."""
+    out = _check_in_comfy("check_unify_training_in_comfy.py", tiny_models, tmp_path, timeout=600)
+    assert out["hooks_left_on_the_shared_model"] == 0 and out["input_model_wrapper"] == []
+    assert not out["lora_model_output_has_condition_keys"]  # LORA_MODEL: weights only, for core's LoRA nodes
+    if not out["trainer_conditions_the_student"]:
+        assert out["native_condition_keys"] == [] and out["student_wrapper"] == []
+        pytest.skip("this tdm_train's trainer does not condition the student on K (TDMTrainer.step_conditions)")
+    assert out["native_condition_keys"] == out["diffusers_condition_keys"] == ["tdm_step_embedding.k1",
+                                                                               "tdm_step_embedding.k2"]
+    assert out["native_step_embedding_metadata"]["comfy_target"] == "time_embed.2"
+    assert out["native_step_embedding_metadata"]["steps"] == [1, 2]
+    assert min(out["condition_norms"].values()) > 0  # trained away from the zero initialisation
+    assert out["student_wrapper"] == ["tdm_step_condition"]
+    assert "TDM-unify student for K = 1, 2" in out["summary"] and "TDM-unify student for K = 1, 2" in out["loader_summary"]
+    assert out["student_vs_loaded_k1"] < 1e-5 and out["student_vs_loaded_k2"] < 1e-5
+    assert out["hooks_after_sampling"] == 0
+
+
 def test_sdxl_student_lora_names_all_load_in_comfyuis_lora_loader():
     """Every module of an SDXL student LoRA (real SDXL UNet config, default targets and the wide
     LCM/DMD2 list) has a key that ComfyUI's LoRA key map accepts: zero "lora key not loaded"."""

@@ -190,7 +190,7 @@ def test_export_node_widgets_and_engine_loader_lists_only_exports_with_a_manifes
     folder_paths = stubs["folder_paths"]
     export = {i.id: i for i in schemas["TDMExportEngine"].inputs}
     assert list(export) == ["model", "name", "dtype", "batch_max", "height_min", "height_opt", "height_max",
-                            "width_min", "width_opt", "width_max", "context_max", "timesteps", "build_tensorrt_engine"]
+                            "width_min", "width_opt", "width_max", "context_max", "timesteps", "build_tensorrt_engine", "num_steps"]
     assert schemas["TDMExportEngine"].is_output_node
     assert [o.io_type for o in schemas["TDMEngineLoader"].outputs] == ["MODEL"]
 

@@ -57,7 +57,7 @@ CATALOG: dict[str, dict] = {
     "TDMExportEngine": {
         "inputs": [("model", "MODEL")],
         "widgets": ["name", "dtype", "batch_max", "height_min", "height_opt", "height_max", "width_min", "width_opt",
-                    "width_max", "context_max", "timesteps", "build_tensorrt_engine"],
+                    "width_max", "context_max", "timesteps", "build_tensorrt_engine", "num_steps"],
         "outputs": [("export_folder", "STRING")],
     },
     "TDMEngineLoader": {"inputs": [], "widgets": ["engine_name", "onnx_provider"], "outputs": [("MODEL", "MODEL")]},
@@ -229,7 +229,8 @@ def workflows() -> list[Workflow]:
             Node(3, "TDMExportEngine", {"name": "sdxl_tdm_student", "dtype": "fp16", "batch_max": 2,
                                         "height_min": 512, "height_opt": 1024, "height_max": 1024, "width_min": 512,
                                         "width_opt": 1024, "width_max": 1024, "context_max": 77,
-                                        "timesteps": "899, 674, 449, 224", "build_tensorrt_engine": True},
+                                        "timesteps": "899, 674, 449, 224", "build_tensorrt_engine": True,
+                                        "num_steps": 0},
                  {"model": (2, 0)}, pos=(800, 80)),
             _note(4, "Exports the SDXL student as loaded (the TDM LoRA merged at its recorded strength) to "
                      "models/tensorrt/sdxl_tdm_student/: model.onnx, model.opt.onnx, engine.json (checked on ONNX "

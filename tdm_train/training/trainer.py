@@ -168,12 +168,13 @@ class TDMTrainer:
         if config.tdm.unify_steps:
             from ..step_condition import attach
 
-            torch.manual_seed(config.seed)  # zero-initialised anyway; the seed keeps processes identical
             where = getattr(backend, "time_embedding_module", backend.name)
             k_max = max(config.tdm.unify_steps)
-            self.step_embedding = attach(model, where, self.roles, k_max, role="fake")
+            with torch.random.fork_rng(devices=[]):  # zero-initialised anyway: leave the run's global RNG alone
+                torch.manual_seed(config.seed)
+                self.step_embedding = attach(model, where, self.roles, k_max, role="fake")
+                self.student_step_embedding = attach(model, where, self.roles, k_max, role="student")
             self.fake.step_embedding = self.step_embedding
-            self.student_step_embedding = attach(model, where, self.roles, k_max, role="student")
             self.student.step_embedding = self.student_step_embedding
 
         betas = (config.adam_beta1, config.adam_beta2)

@@ -30,6 +30,7 @@ MODULES = [
     ("comfy.lora_convert", "comfy/lora_convert.py"),
     ("comfy.model_management", "comfy/model_management.py"),
     ("comfy.model_sampling", "comfy/model_sampling.py"),
+    ("comfy.patcher_extension", "comfy/patcher_extension.py"),
     ("comfy.sample", "comfy/sample.py"),
     ("comfy.samplers", "comfy/samplers.py"),
     ("comfy.utils", "comfy/utils.py"),

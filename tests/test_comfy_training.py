@@ -185,7 +185,7 @@ def _comfy_model(family: str):
                                       "model_config": SimpleNamespace(unet_config={"context_dim": 768})})()
     else:
         base = type({"sdxl": "SDXL", "pixart": "PixArt"}[family], (), {})()
-    return SimpleNamespace(model=base)
+    return SimpleNamespace(model=base, wrappers={})  # a ModelPatcher has a wrappers dict
 
 
 def _run_train_node(training, monkeypatch, tmp_path, family, **widgets):
@@ -259,7 +259,8 @@ def test_comfy_trainer_records_the_training_cfg_in_the_lora(tmp_path):
                                                  tdm=TDMConfig(guidance_scale=4.5)),
                               student_state=lambda: state, backend=SimpleNamespace(default_lora_targets=("attn.qkv",)),
                               objective=SimpleNamespace(timesteps=[899, 674, 449, 224]), step=3, family="pixart",
-                              lora_path=tmp_path / "student.safetensors", unet_config=None, output_dir=tmp_path)
+                              lora_path=tmp_path / "student.safetensors", unet_config=None, output_dir=tmp_path,
+                              student_conditions=lambda: None)  # a fixed-K student
     (path,) = ComfyTDMTrainer.export_lora(trainer)
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["tdm.training_cfg"] == "4.5"

@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 
 import folder_paths
-from tdm_train.lora.step_embedding import StepConditions, _target_module, applied
+from tdm_train.lora.step_embedding import StepConditions, condition_target, applied
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
 CATEGORY = "TDM/CogVideoX"
@@ -152,7 +152,7 @@ class TDMCogVideoXLoRA(io.ComfyNode):
 def with_step_condition(pipeline: ComfyCogVideoX, conditions: StepConditions, source: str) -> StepConditions:
     """Checks a TDM-unify LoRA's step condition against the transformer (its layer, its width);
     one pipeline carries one (a second unify LoRA replaces the first, with a warning)."""
-    module = _target_module(pipeline.parts.transformer, conditions.target)
+    module = condition_target(pipeline.parts.transformer, conditions.target)
     if module.out_features != conditions.dim:
         raise ValueError(f"TDM CogVideoX LoRA: {source}'s step condition has width {conditions.dim}, "
                          f"{conditions.target} of this transformer {module.out_features} (a LoRA for another size?)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 
-from tdm_train.lora.step_embedding import StepConditions, _target_module, applied
+from tdm_train.lora.step_embedding import StepConditions, condition_target, applied
 
 NUM_STEPS_OPTION = "tdm_num_steps"  # transformer_options key the TDM samplers set
 WRAPPER_KEY = "tdm_step_condition"  # the key of our apply_model wrapper on the patcher
@@ -50,7 +50,7 @@ class StepConditionWrapper:
 
     def check(self, diffusion_model) -> None:
         """Fails now (at load time) for a model without the target layer or of another width."""
-        module = _target_module(diffusion_model, self.conditions.comfy_target)
+        module = condition_target(diffusion_model, self.conditions.comfy_target)
         if module.out_features != self.conditions.dim:
             raise ValueError(f"{self.source}: step condition of width {self.conditions.dim} for "
                              f"{self.conditions.comfy_target} of width {module.out_features} (a LoRA for another model?)")

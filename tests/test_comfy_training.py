@@ -188,9 +188,9 @@ def _comfy_model(family: str):
     return SimpleNamespace(model=base, wrappers={})  # a ModelPatcher has a wrappers dict
 
 
-def _run_train_node(training, monkeypatch, tmp_path, family, **widgets):
+def _train_node_config(training, monkeypatch, family, **widgets):
     """TDM Train LoRA's execute with its schema defaults (and ``widgets``) on a ``family`` MODEL,
-    the training itself replaced by a recorder of the TrainConfig it is given."""
+    the training itself replaced by a recorder: (the TrainConfig it was given, the node's summary)."""
     schema = training.TDMTrainLoRA.define_schema()
     values = {i.id: i.default for i in schema.inputs if i.id not in ("model", "clip")}
     values.update(lora_name=f"guidance_{family}", **widgets)
@@ -202,8 +202,13 @@ def _run_train_node(training, monkeypatch, tmp_path, family, **widgets):
 
     monkeypatch.setattr(training, "train_in_comfyui", recorded)
     output = training.TDMTrainLoRA.execute(model=_comfy_model(family), clip=None, **values)
-    _run_train_node.last_config = seen["config"]
-    return seen["config"].tdm.guidance_scale, output.ui.value
+    return seen["config"], output.ui.value
+
+
+def _run_train_node(training, monkeypatch, tmp_path, family, **widgets):
+    """(the training guidance the node resolved, its summary)."""
+    config, summary = _train_node_config(training, monkeypatch, family, **widgets)
+    return config.tdm.guidance_scale, summary
 
 
 @pytest.mark.parametrize(("dtype", "precision", "scaled"), [("fp16", "fp16", True), ("bf16", "bf16", False),
@@ -213,8 +218,7 @@ def test_train_node_fp16_gets_the_trainers_loss_scaling(pack, stubs, tmp_path, m
     folder_paths = stubs["folder_paths"]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path / "loras")], set()))
     monkeypatch.setattr(folder_paths, "get_output_directory", lambda: str(tmp_path / "output"))
-    _run_train_node(training, monkeypatch, tmp_path, "sdxl", training_dtype=dtype)
-    config = _run_train_node.last_config
+    config, _ = _train_node_config(training, monkeypatch, "sdxl", training_dtype=dtype)
     assert config.mixed_precision == precision
     assert (config.mixed_precision == "fp16") is scaled  # TDMTrainer enables its GradScalers for fp16 only
 

@@ -154,7 +154,8 @@ def without_step_condition(state: Mapping[str, torch.Tensor]) -> dict[str, torch
     return {k: v for k, v in state.items() if not k.startswith(KEY_PREFIX)}
 
 
-def _target_module(model: nn.Module, path: str) -> nn.Linear:
+def condition_target(model: nn.Module, path: str) -> nn.Linear:
+    """The Linear a step condition is added to (named errors for a missing or non-Linear layer)."""
     try:
         module = model.get_submodule(path)
     except AttributeError:
@@ -173,7 +174,7 @@ def applied(model: nn.Module, conditions: StepConditions | None, num_steps: int,
     if conditions is None:
         yield
         return
-    module = _target_module(model, path or conditions.target)
+    module = condition_target(model, path or conditions.target)
     vector = conditions.vector(num_steps)
     if vector.shape[0] != module.out_features:
         raise ValueError(f"step condition of width {vector.shape[0]} for {path or conditions.target} "
@@ -191,7 +192,7 @@ def applied(model: nn.Module, conditions: StepConditions | None, num_steps: int,
 
 def fold_into_bias(model: nn.Module, conditions: StepConditions, num_steps: int, path: str | None = None) -> None:
     """Make ``model`` the K-step student for good (an export for one K): bias += c_K."""
-    module = _target_module(model, path or conditions.target)
+    module = condition_target(model, path or conditions.target)
     vector = conditions.vector(num_steps)
     with torch.no_grad():
         if module.bias is None:

@@ -9,9 +9,7 @@ ONNX_EXTRA = "pip install onnx onnxruntime onnx-graphsurgeon polygraphy  (or: pi
 TRT_EXTRA = "pip install .[trt]  (TensorRT 10 or 11 for your CUDA version, e.g. tensorrt-cu12, plus onnxruntime-gpu)"
 
 
-class MissingDependency(RuntimeError):
-    """An optional package or a device that a command needs is not there; the message says how to
-    get it. The CLI turns it into exit code 2."""
+from tdm_train.errors import MissingDependency  # noqa: F401  (exit code 5; re-exported: export.deps.MissingDependency)
 
 
 def require(module: str, install: str = ONNX_EXTRA):

@@ -5,8 +5,8 @@ flags and/or a TOML/YAML/JSON config file whose keys are the flag names (flags w
 from __future__ import annotations
 
 import argparse
-import sys
 
+from .errors import BadInput, run_cli
 from .training.arguments import build_parser, parse_args, tdm_config  # noqa: F401  (build_parser: the public parser)
 
 
@@ -42,19 +42,18 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except (ValueError, FileNotFoundError, argparse.ArgumentTypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _main(argv: list[str] | None) -> int:
+    from .training import preflight
+
+    args = parse_args(argv)
     if args.pretrained_teacher_model:
-        try:
-            return run_training(args)
-        except (ValueError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        return run_training(args)
     if args.config or args.prompts:
-        print("error: training needs --pretrained_teacher_model (in the flags or the --config file)", file=sys.stderr)
-        return 2
+        raise BadInput("training needs --pretrained_teacher_model (in the flags or the --config file)")
+    preflight.check_values(args, training=False)
     return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: tdm_train/errors.py (2 bad input, 3 incompatible file, 4 output refused, 6 stopped on NaN)."""
+    return run_cli(_main, argv)

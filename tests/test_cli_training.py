@@ -85,7 +85,7 @@ def test_pixart_and_cogvideox_runs(pipelines, prompts, tmp_path, backbone, extra
     (["--student_timesteps", "899,674,449,224", "--num_steps", "2"], "does not match"),
     (["--mixed_precision", "fp8"], "invalid choice"),
     (["--max_train_steps", "0"], "max_train_steps"),
-    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: an integer >= 1"),
     (["--mid_point", "demo", "--student_timesteps", "999,856,665,399"], "needs a uniform grid"),
 ])
 def test_bad_settings_fail_before_models_load(pipelines, prompts, tmp_path, args, message):
@@ -101,7 +101,7 @@ def test_wrong_model_type_and_missing_inputs(tmp_path, prompts, pipelines):
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     result = run("--pretrained_teacher_model", other, "--prompts", prompts)
-    assert result.returncode == 2 and "FluxPipeline" in result.stderr and "StableDiffusionXLPipeline" in result.stderr
+    assert result.returncode == 3 and "FluxPipeline" in result.stderr and "StableDiffusionXLPipeline" in result.stderr
     result = run("--pretrained_teacher_model", tmp_path / "nowhere", "--prompts", prompts)
     assert result.returncode == 2 and "no such folder" in result.stderr
     result = run("--pretrained_teacher_model", pipelines["sdxl"])

@@ -9,6 +9,7 @@ import torch
 import peft  # noqa: F401
 import accelerate  # noqa: F401
 
+from tdm_train.errors import BadInput
 from tdm_train.training import checkpoint as ckpt  # noqa: E402
 from tdm_train.backends import SDXLBackend  # noqa: E402
 from tdm_train.distill import TDMConfig  # noqa: E402
@@ -81,7 +82,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_resume_from_a_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(BadInput, match="no checkpoint"):
         make_trainer(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-99")).train(progress=False)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..distill import TDMConfig
+from ..errors import BadInput
 from ..recipes import recommended_guidance
 
 
@@ -97,8 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--width", type=int, default=720, help="video width (CogVideoX)")
     train.add_argument("--frames", type=int, default=49, help="video frames (CogVideoX)")
     train.add_argument("--checkpointing_steps", type=int, default=500)
-    train.add_argument("--checkpoints_total_limit", type=int, default=None)
-    train.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or latest")
+    train.add_argument("--checkpoints_total_limit", type=int, default=None,
+                       help="keep the newest N >= 1 checkpoints (default: all)")
+    train.add_argument("--resume_from_checkpoint", default=None,
+                       help="a checkpoint folder, or latest (the newest complete one: a damaged checkpoint is "
+                            "skipped, saying why)")
+    train.add_argument("--overwrite_output_dir", action="store_true",
+                       help="--output_dir holds a run: remove it as a whole (checkpoints, LoRA files, history, "
+                            "validation images, prompt cache) and start over. Without it such a folder is refused")
     train.add_argument("--validation_steps", type=int, default=None,
                        help="every N steps: student samples next to the teacher's (PNG, tensorboard)")
     train.add_argument("--num_validation_prompts", type=int, default=2)
@@ -126,29 +133,68 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_config(path: str) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+        raise BadInput(f"--config {path}: no such file")
+    formats = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
+    if path.suffix not in formats:
+        raise BadInput(f"--config {path}: expected .toml, .yaml/.yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            import tomllib
 
-        data = tomllib.loads(text)
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
 
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        raise ValueError(f"--config {path}: expected .toml, .yaml/.yml or .json")
+            data = yaml.safe_load(text) or {}
+    except Exception as error:  # noqa: BLE001 - TOMLDecodeError, YAMLError, JSONDecodeError, UnicodeDecodeError
+        detail = " ".join(str(error).split())
+        raise BadInput(f"--config {path}: not valid {formats[path.suffix]} ({detail})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a table of flag names")
+        raise BadInput(f"--config {path}: expected a table of flag names -> values, got a {type(data).__name__}")
     return data
 
 
+def _config_value(action: argparse.Action, key: str, value, path: str):
+    """A config file's value through the same rules as its flag: the flag's type, its choices."""
+    where = f"{key!r} in {path}"
+    if action.nargs == 0:  # a switch such as --gradient_checkpointing
+        if not isinstance(value, bool):
+            raise BadInput(f"{where}: {value!r}; expected true or false")
+        return action.const if value else action.default
+    if value is None:
+        if action.default is None:
+            return None
+        raise BadInput(f"{where} has no value; remove the key to keep the default ({action.default})")
+    if isinstance(value, bool) or isinstance(value, (dict,)):
+        raise BadInput(f"{where}: {value!r} is not a {getattr(action.type, '__name__', 'value')}")
+    if isinstance(value, list):
+        if action.type not in (_csv, _int_list):
+            raise BadInput(f"{where}: a list ({value!r}) where one value is expected")
+        value = ",".join(map(str, value))
+    if action.type is None:
+        value = str(value)
+    else:
+        if action.type is int and isinstance(value, float) and not value.is_integer():
+            raise BadInput(f"{where}: {value!r} is not an integer")
+        try:
+            value = action.type(str(int(value)) if action.type is int and isinstance(value, float) else str(value))
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise BadInput(f"{where}: {value!r} is not a {getattr(action.type, '__name__', 'value')} ({error})") from None
+    if action.choices is not None and value not in action.choices:
+        raise BadInput(f"{where}: {value!r}; expected one of {', '.join(map(str, action.choices))}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, then the --config file's keys for what the flags left unset. ``_from_config``
+    maps each value taken from the file to the file (for error messages)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._from_config = {}
     if args.config:
         explicit = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
         for action in parser._actions:  # the same flags, with no defaults: what the user typed
@@ -161,16 +207,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     kwargs["type"] = action.type
                 explicit.add_argument(*action.option_strings, **kwargs)
         given = vars(explicit.parse_known_args(argv)[0])
-        known = {a.dest for a in parser._actions}
+        actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
         for key, value in _read_config(args.config).items():
-            key = key.replace("-", "_")
-            if key not in known:
-                raise ValueError(f"--config {args.config}: unknown setting {key!r} (use the flag names of --help)")
-            if key not in given:
-                action = next(a for a in parser._actions if a.dest == key)
-                if isinstance(value, str) and action.type is not None:
-                    value = action.type(value)
-                setattr(args, key, value)
+            dest = str(key).replace("-", "_")
+            if dest not in actions or dest == "config":
+                raise BadInput(f"--config {args.config}: unknown setting {key!r} (use the flag names of --help)")
+            if dest not in given:
+                setattr(args, dest, _config_value(actions[dest], str(key), value, args.config))
+                args._from_config[dest] = args.config
     return args
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .teachers import add_sdxl_time_ids, build_backend, cached_prompt_conditions, detect_backbone
+from . import checkpoint as ckpt
+from . import preflight
+from ..errors import BadInput, IncompatibleFile
+from .teachers import add_sdxl_time_ids, build_backend, cached_prompt_conditions
 from .arguments import tdm_config
 from .prompts import read_prompts
 from ..recipes import resolve_guidance
@@ -19,23 +22,30 @@ logger = logging.getLogger("tdm_train")
 
 
 def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
-    """Validate everything without loading a model: (backbone, prompts, training config)."""
+    """The one validation pass (preflight.py), without loading a model: (backbone, prompts,
+    training config). Nothing on disk changes here."""
+    preflight.check_values(args, training=True)
     folder = Path(args.pretrained_teacher_model)
-    backbone = detect_backbone(folder) if args.backbone == "auto" else args.backbone
-    if args.backbone != "auto" and not folder.is_dir():
-        raise FileNotFoundError(f"--pretrained_teacher_model {folder}: no such folder")
+    backbone, denoiser_config = preflight.inspect_teacher(folder, args.backbone, bool(args.validation_steps))
+    problems = preflight.geometry_problems(args, backbone, denoiser_config)
+    if problems:
+        raise BadInput("invalid settings: " + "; ".join(problems))
     if not args.prompts:
-        raise ValueError("--prompts is required: a .txt/.jsonl/.csv file of prompts (TDM needs no images)")
+        raise BadInput("--prompts is required: a .txt/.jsonl/.csv file of prompts (TDM needs no images)")
     prompts = read_prompts(args.prompts, args.prompt_column)
     if args.unify_steps and args.student_timesteps:
-        raise ValueError("--unify_steps trains each K on its uniform grid: drop --student_timesteps")
+        raise BadInput("--unify_steps trains each K on its uniform grid: drop --student_timesteps")
     if args.student_timesteps and args.num_steps not in (4, len(args.student_timesteps)):
-        raise ValueError(f"--num_steps {args.num_steps} does not match --student_timesteps "
-                         f"{args.student_timesteps} ({len(args.student_timesteps)} steps); drop one of them")
-    tdm = tdm_config(args, backbone)
-    grid = tdm.grid()  # raises on a bad grid (out of range, not decreasing)
-    if backbone == "sdxl" and args.resolution % 8:
-        raise ValueError(f"--resolution {args.resolution} must be a multiple of 8")
+        raise BadInput(f"--num_steps {args.num_steps} does not match --student_timesteps "
+                       f"{args.student_timesteps} ({len(args.student_timesteps)} steps); drop one of them")
+    try:
+        tdm = tdm_config(args, backbone)
+        grid = tdm.grid()  # raises on a bad grid (out of range, not decreasing)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
+    targets = args.lora_target_modules
+    if targets:
+        _check_targets(folder, backbone, denoiser_config, targets)
     config = TrainConfig(
         output_dir=args.output_dir or "outputs/tdm",
         max_train_steps=args.max_train_steps,
@@ -64,9 +74,52 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
         ddp_bucket_cap_mb=args.ddp_bucket_cap_mb,
         tdm=tdm,
     )
+    output_dir = Path(config.output_dir)
+    preflight.check_output(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if args.resume_from_checkpoint:
+        _check_resume(output_dir, args.resume_from_checkpoint, backbone, denoiser_config, config)
     logger.info("TDM %s: %d prompts, grid %s, teacher guidance %g (%s)", backbone, len(prompts), grid,
                 tdm.guidance_scale, resolve_guidance(args.real_guidance_scale, backbone)[1])
     return backbone, prompts, config
+
+
+def _check_targets(folder: Path, backbone: str, denoiser_config: dict, targets: list[str]) -> None:
+    """--lora_target_modules against the denoiser's module names, on an empty (meta-device) build
+    from its config: no weights are read."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    class_name = preflight.DENOISERS[backbone][1]
+    with init_empty_weights():
+        model = getattr(diffusers, class_name).from_config(denoiser_config)
+    names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)}
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        examples = sorted({n.rsplit(".", 1)[-1] for n in names if "attn" in n})[:8]
+        raise BadInput(f"--lora_target_modules: {', '.join(unmatched)} match no Linear/Conv layer of the "
+                       f"{class_name} in {folder} (its attention layers end in e.g. {', '.join(examples)})")
+
+
+def _check_resume(output_dir: Path, resume: str, backbone: str, denoiser_config: dict, config: TrainConfig) -> None:
+    """The checkpoint to resume exists, is complete, and is of this model, backbone and LoRA."""
+    import json
+
+    path = ckpt.resolve_resume(output_dir, resume, warn=logger.warning)
+    if path is None:
+        return  # latest, and no checkpoint yet: a fresh start (the trainer says so)
+    state = json.loads((path / "trainer_state.json").read_text())
+    expected = {"backbone": backbone, "model_config": {k: v for k, v in denoiser_config.items()},
+                "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
+                "lora_target_modules": list(config.lora_target_modules or []),
+                "unify_steps": list(config.tdm.unify_steps) if config.tdm.unify_steps else None}
+    if state.get("model_config") is not None:
+        keys = set(state["model_config"])  # compare what the saved model config spells out
+        expected["model_config"] = {k: v for k, v in denoiser_config.items() if k in keys}
+        state = {**state, "model_config": {k: v for k, v in state["model_config"].items() if k in denoiser_config}}
+    differs = ckpt.differences(state, expected)
+    if differs:
+        raise IncompatibleFile(f"{path} is from another run: {'; '.join(differs)}. Resume with the settings it was "
+                               "trained with, or start a fresh run (another --output_dir, or --overwrite_output_dir)")
 
 
 def train_from_args(args: argparse.Namespace) -> dict:
@@ -74,6 +127,11 @@ def train_from_args(args: argparse.Namespace) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     backbone, prompts, config = check_args(args)
+    if args.overwrite_output_dir and not args.resume_from_checkpoint:
+        removed = preflight.remove_run(Path(config.output_dir))
+        if removed:
+            logger.info("--overwrite_output_dir: removed the previous run from %s (%s)", config.output_dir,
+                        ", ".join(removed))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=args.report_to,
                               project_dir=config.output_dir)
     folder = Path(args.pretrained_teacher_model)

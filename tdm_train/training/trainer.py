@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .. import atomic
+from ..errors import IncompatibleFile, NonFinite
 from ..backends.base import Backend, Condition, RoleFunction
 from ..distill import TDMConfig, TDMObjective
 from .gradient_sync import BucketedGradientAverager
@@ -37,7 +39,7 @@ from .roles import AdapterRoles, lora_config
 logger = logging.getLogger("tdm_train")
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(NonFinite):
     """Training stopped on purpose (too many non-finite losses in a row)."""
 
 
@@ -90,6 +92,8 @@ class TrainConfig:
             problems.append("--step_embedding_lr_ratio must be > 0")
         if self.lora_rank < 1:
             problems.append("--lora_rank must be >= 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            problems.append(f"checkpoints_total_limit must be >= 1 (or None: keep all), got {self.checkpoints_total_limit}")
         if self.checkpointing_steps < 1:
             problems.append("--checkpointing_steps must be >= 1")
         if self.max_nonfinite_in_a_row < 1:
@@ -377,13 +381,13 @@ class TDMTrainer:
                      "world_size": self.world_size,
                      "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
                      "timesteps": self.objective.timesteps, "backend": self.backend.name,
-                     "config": self.config.to_json()}
+                     "config": self.config.to_json(), "model_config": ckpt.model_config(self.backend.model)}
             adapters = {a: self.roles.state_dict(a) for a in ("student", "fake")}
             if self.step_embedding is not None:
                 adapters["fake_step_embedding"] = {k: v.detach().clone() for k, v in self.step_embedding.state_dict().items()}
                 adapters["student_step_embedding"] = {k: v.detach().clone()
                                                       for k, v in self.student_step_embedding.state_dict().items()}
-            ckpt.write_shared(tmp, adapters, self.optimizers, self.schedulers, state, self.scalers)
+            ckpt.write_shared(tmp, adapters, self.optimizers, self.schedulers, state, self.scalers, self.history)
         self.accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, self.rank, self.generator)
         self.accelerator.wait_for_everyone()
@@ -393,9 +397,22 @@ class TDMTrainer:
         self.accelerator.wait_for_everyone()
         return final
 
+    def resume_identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it (checkpoint.differences)."""
+        cfg = self.config
+        return {"backbone": self.backend.name, "model_config": ckpt.model_config(self.backend.model),
+                "lora_rank": cfg.lora_rank, "lora_alpha": cfg.lora_alpha,
+                "lora_target_modules": list(cfg.lora_target_modules or []),  # as to_json records it
+                "unify_steps": list(cfg.tdm.unify_steps) if cfg.tdm.unify_steps else None}
+
     def load_checkpoint(self, path: Path) -> None:
         data = ckpt.load(path, self.rank)
         state = data["state"]
+        differs = ckpt.differences(state, self.resume_identity())
+        if differs:
+            raise IncompatibleFile(f"{path} is from another run: {'; '.join(differs)}. Resume it with the settings "
+                                   "it was trained with, or start a fresh run (another --output_dir, or "
+                                   "--overwrite_output_dir)")
         if state.get("world_size", 1) != self.world_size:
             raise ValueError(f"{path} was written by {state['world_size']} processes; resume with the same number "
                              f"(now {self.world_size})")
@@ -432,6 +449,8 @@ class TDMTrainer:
         self.generator.set_state(data["rng"]["generator"])
         torch.set_rng_state(data["rng"]["torch"])
         self.step = state["step"]
+        if data["history"] is not None:  # older checkpoints hold none: the log then restarts here
+            self.history = [entry for entry in data["history"] if entry.get("step", 0) <= self.step]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         self.scaler_skipped_total = state.get("scaler_skipped_total", 0)
@@ -440,7 +459,7 @@ class TDMTrainer:
     def train(self, progress: bool = True, on_step=None) -> dict:
         """Run to max_train_steps (resuming if asked); ``on_step(trainer)`` runs after every step."""
         cfg = self.config
-        resume = ckpt.resolve_resume(self.output_dir, cfg.resume_from_checkpoint)
+        resume = ckpt.resolve_resume(self.output_dir, cfg.resume_from_checkpoint, warn=logger.warning)
         if resume is not None:
             self.load_checkpoint(resume)
             logger.info("resumed from %s at step %d", resume, self.step)
@@ -470,7 +489,7 @@ class TDMTrainer:
         summary = {"step": self.step, "nonfinite_total": self.nonfinite_total,
                    "scaler_skipped_total": self.scaler_skipped_total}
         if self.accelerator.is_main_process:
-            (self.output_dir / "train_history.json").write_text(json.dumps(self.history, indent=1))
+            atomic.write_text(self.output_dir / "train_history.json", json.dumps(self.history, indent=1))
             summary["lora_files"] = [str(p) for p in self.export_lora()]
         self.accelerator.wait_for_everyone()
         return summary

@@ -387,7 +387,13 @@ class TDMTrainer:
                 adapters["fake_step_embedding"] = {k: v.detach().clone() for k, v in self.step_embedding.state_dict().items()}
                 adapters["student_step_embedding"] = {k: v.detach().clone()
                                                       for k, v in self.student_step_embedding.state_dict().items()}
-            ckpt.write_shared(tmp, adapters, self.optimizers, self.schedulers, state, self.scalers, self.history)
+            try:
+                ckpt.write_shared(tmp, adapters, self.optimizers, self.schedulers, state, self.scalers, self.history)
+            except BaseException:  # disk full, interrupted: no half-written checkpoint folder stays behind
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         self.accelerator.wait_for_everyone()
         ckpt.write_rng(tmp, self.rank, self.generator)
         self.accelerator.wait_for_everyone()

@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from tdm_train.errors import IncompatibleFile
+
 from .deps import require
 
 TWO_GB = 2**31 - 1
@@ -94,7 +96,12 @@ def _quiet_folding() -> None:
 def onnx_summary(path: Path) -> dict:
     """Opset, I/O names and node count, without loading the weights."""
     onnx = require("onnx")
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (OSError, ValueError):
+        raise
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError
+        raise IncompatibleFile(f"{path} is not an ONNX model ({type(error).__name__}: {error})") from None
     return {"opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
             "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
             "nodes": len(model.graph.node)}

@@ -9,10 +9,11 @@ engines built from them, which are listed under ``engines``)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from tdm_train import atomic
+from tdm_train.errors import IncompatibleFile
 
 MANIFEST_NAME = "engine.json"
 FORMAT = "tdm-engine/1"
@@ -87,15 +88,42 @@ class EngineManifest:
         return path
 
     @classmethod
-    def from_dict(cls, data: dict) -> EngineManifest:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"not a TDM engine manifest (format {data.get('format')!r}, expected {FORMAT!r})")
+    def from_dict(cls, data: dict, where: str = "the manifest") -> EngineManifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise IncompatibleFile(f"{where} is not a TDM engine manifest (format {found!r}, expected {FORMAT!r})")
         if data.get("family") not in FAMILIES:
-            raise ValueError(f"unknown model family {data.get('family')!r} in the manifest; expected one of {FAMILIES}")
-        data = dict(data)
-        data["inputs"] = [TensorSpec(**s) for s in data["inputs"]]
-        data["outputs"] = [TensorSpec(**s) for s in data["outputs"]]
+            raise IncompatibleFile(f"{where}: unknown model family {data.get('family')!r}; expected one of {FAMILIES}")
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise IncompatibleFile(f"{where} lacks {', '.join(missing)}: it is damaged or from an unfinished "
+                                   "export; export the model again")
+        data = {k: v for k, v in data.items() if k in known}  # fields of a newer format version are ignored
+        try:
+            data["inputs"] = [TensorSpec(**s) for s in data["inputs"]]
+            data["outputs"] = [TensorSpec(**s) for s in data["outputs"]]
+        except TypeError as error:
+            raise IncompatibleFile(f"{where}: an input or output entry is malformed ({error})") from None
         return cls(**data)
+
+    @property
+    def validation_failed(self) -> bool:
+        """The export's own check (ONNX Runtime vs PyTorch at export time) says it is out of tolerance."""
+        return self.validation.get("passed") is False
+
+    def refuse_if_unvalidated(self, where: str, force: bool, option: str = "--force") -> None:
+        """An export whose validation failed is not used unless asked for explicitly."""
+        if self.validation_failed and not force:
+            from .validate import ValidationFailed
+
+            reason = self.validation.get("error") or "; ".join(
+                f"{c['shape']}: cosine {c['cosine']:.4g}, max |err| {c['max_abs']:.3g}"
+                for c in self.validation.get("cases", []) if not c.get("passed", True))
+            raise ValidationFailed(f"{where}: this export failed its validation ({reason or 'see engine.json'}); "
+                                   f"its outputs are not trusted. Export it again (e.g. --dtype fp32), or pass "
+                                   f"{option} to use it anyway")
 
 
 def manifest_path(path: str | Path) -> Path:
@@ -115,6 +143,6 @@ def load_manifest(path: str | Path) -> EngineManifest:
                                 "`python -m export.trt onnx` (or the TDM Export node) with its engine.json")
     try:
         data = json.loads(target.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{target} is not valid JSON ({error}); re-export the model") from None
-    return EngineManifest.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IncompatibleFile(f"{target} is not valid JSON ({error}); re-export the model") from None
+    return EngineManifest.from_dict(data, str(target))

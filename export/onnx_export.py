@@ -21,6 +21,8 @@ import torch
 from . import graph
 from .families import DTYPES, ExportShapes, FamilySpec
 from .manifest import EngineManifest
+from tdm_train.errors import IncompatibleFile
+
 from .deps import MissingDependency
 from .runtime import OnnxRuntimeRunner
 from .validate import TOLERANCES, Tolerance, ValidationFailed, compare
@@ -29,7 +31,7 @@ EXPORTERS = ("torchscript", "dynamo")
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}  # dynamo builds at 18; converting down leaves invalid Splits
 
 
-class ExportFailed(RuntimeError):
+class ExportFailed(IncompatibleFile):
     """torch.onnx could not export the model; the message names the exporter and what to try."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from tdm_train.errors import IncompatibleFile
+
 from .deps import MissingDependency, require
 from .manifest import EngineManifest, load_manifest
 from .runner import ONNX_TYPE_NAMES, TORCH_DTYPES, Runner, ShapeOutsideProfile  # noqa: F401  (re-exported)
@@ -71,7 +73,11 @@ class OnnxRuntimeRunner(Runner):
         if not allow_spinning:  # idle worker threads otherwise spin and slow down whatever runs next to them
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # a path, not bytes: ONNX Runtime finds the external weight file next to it
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=[wanted])
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=[wanted])
+        except Exception as error:  # noqa: BLE001 - onnxruntime's InvalidProtobuf, Fail, ...
+            raise IncompatibleFile(f"{onnx_path} is not an ONNX model ONNX Runtime can load "
+                                   f"({' '.join(str(error).split())[:300]}); export it again") from None
         self.provider = provider
         self.path = onnx_path
         self.input_types = {i.name: ONNX_TYPE_NAMES.get(i.type, "float32") for i in self.session.get_inputs()}

@@ -10,8 +10,11 @@
   generate  prompt -> image (or latents) through the exported student on ONNX Runtime / TensorRT
   inspect   what an export is: engine.json, the ONNX graph, the engines
 
-Exit codes: 0 fine, 1 out of tolerance, 2 a missing package or device (the message says what to
-install), 3 bad input.
+Exit codes (tdm_train/errors.py, shared with python -m tdm_train): 0 fine, 1 out of tolerance (or an
+export whose validation failed, refused without --force), 2 bad input, 3 an incompatible or corrupt
+file, 4 output refused (an export already there without --force, not writable, disk full), 5 a
+missing package or device (the message says what to install), 6 non-finite numbers (a NaN LoRA,
+a NaN output).
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_TOLERANCE, EXIT_MISSING, EXIT_BAD_INPUT = 1, 2, 3
+from tdm_train.errors import (  # noqa: F401  (the exit codes, re-exported for scripts and tests)
+    EXIT_BAD_FILE, EXIT_BAD_INPUT, EXIT_MISSING, EXIT_NONFINITE, EXIT_OUTPUT, EXIT_TOLERANCE, BadInput,
+    IncompatibleFile, NonFinite, OutputRefused, run_cli)
 
 
 def _range(text: str) -> tuple[int, int, int]:
@@ -64,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--lora-strength", type=float, help="default: the strength the LoRA records (tdm.lora_strength,"
                       " or a known release such as 0.125 for TDM SD3), else 1.0")
     onnx.add_argument("--out-dir", required=True, help="folder for model.onnx, model.opt.onnx and engine.json")
+    onnx.add_argument("--force", action="store_true", help="--out-dir holds an export: replace it. The new export is "
+                      "written beside it and swapped in only when it validated; a failed one never replaces it")
     onnx.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
                       help="precision of the ONNX, hence of a TensorRT engine built from it (strongly typed)")
     onnx.add_argument("--opset", type=int, help="ONNX opset (default 17 with torchscript, 18 with dynamo; 17-20 "
@@ -116,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--threads", type=int, help="threads for both PyTorch and ONNX Runtime (default: torch's)")
     bench.add_argument("--json", help="also write the figures here")
+    bench.add_argument("--force", action="store_true", help="bench an export whose validation failed")
 
     generate = commands.add_parser("generate", help="prompt -> image through the exported student")
     generate.add_argument("path", help="export folder, .onnx or .engine")
@@ -128,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--width", type=int)
     generate.add_argument("--eta", type=float, default=0.0, help="0 deterministic; (0, 1] re-noises between steps")
     generate.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    generate.add_argument("--force", action="store_true", help="use an export whose validation failed")
 
     inspect = commands.add_parser("inspect", help="print what an export is")
     inspect.add_argument("path", help="export folder, engine.json, .onnx or .engine")
@@ -148,6 +157,18 @@ def cmd_onnx(args) -> int:
     from .loading import load_student, vae_scale_factor
     from .onnx_export import export_onnx
 
+    from tdm_train import atomic
+
+    from .manifest import MANIFEST_NAME
+    from .staging import staged_export
+
+    out_dir = Path(args.out_dir)
+    atomic.check_writable_folder(out_dir, "--out-dir")
+    replacing = (out_dir / MANIFEST_NAME).is_file()
+    if replacing and not args.force:
+        raise OutputRefused(f"--out-dir {out_dir} holds an export (engine.json): pass --force to replace it (the new "
+                            "export is written beside it and swapped in only when it validated), or choose another "
+                            "--out-dir")
     student = load_student(args.model, args.lora, args.lora_strength, args.config, args.timesteps, args.num_steps)
     folder = Path(args.model if Path(args.model).is_dir() else args.config)
     factor = vae_scale_factor(folder)
@@ -169,14 +190,16 @@ def cmd_onnx(args) -> int:
     spec = family_spec(student.family, student.model, shapes, args.dtype)
     spec.latent["vae_scale_factor"] = factor
     tolerance = _tolerance(args.dtype, args)
-    manifest = export_onnx(spec, args.out_dir, dtype=args.dtype, shapes=shapes,
-                           scheduler_config=student.scheduler_config, timesteps=student.timesteps,
-                           source=student.source, opset=args.opset, exporter=args.exporter,
-                           external_data=args.external_data, tolerance=tolerance, threads=args.threads,
-                           num_steps=student.num_steps, unify_steps=student.unify_steps)
+    with staged_export(out_dir, replacing) as target:
+        manifest = export_onnx(spec, target, dtype=args.dtype, shapes=shapes,
+                               scheduler_config=student.scheduler_config, timesteps=student.timesteps,
+                               source=student.source, opset=args.opset, exporter=args.exporter,
+                               external_data=args.external_data, tolerance=tolerance, threads=args.threads,
+                               num_steps=student.num_steps, unify_steps=student.unify_steps)
     _print_validation(manifest.validation)
-    print(f"wrote {Path(args.out_dir) / 'engine.json'} ({manifest.family}, {manifest.dtype}, "
-          f"{manifest.export['nodes_optimized']} nodes after folding)")
+    print(f"wrote {out_dir / 'engine.json'} ({manifest.family}, {manifest.dtype}, "
+          f"{manifest.export['nodes_optimized']} nodes after folding)" + (", replacing the previous export"
+                                                                        if replacing else ""))
     return 0
 
 
@@ -294,6 +317,7 @@ def cmd_bench(args) -> int:
     threads = torch.get_num_threads()
     folder = Path(args.path)
     manifest = load_manifest(folder)
+    manifest.refuse_if_unvalidated(str(folder), args.force)
     folder = folder if folder.is_dir() else folder.parent
     module = reference_module(manifest, args.model, args.lora, args.lora_strength, args.config)
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[manifest.dtype]
@@ -330,9 +354,10 @@ def cmd_generate(args) -> int:
     from .runtime import open_runner
 
     manifest = load_manifest(args.path)
+    manifest.refuse_if_unvalidated(str(args.path), args.force)
     folder = Path(args.model or manifest.source.get("config", ""))
     if not (folder / "model_index.json").is_file():
-        raise ValueError("generate needs the base pipeline folder (text encoders, VAE): pass --model")
+        raise BadInput("generate needs the base pipeline folder (text encoders, VAE): pass --model")
     factor = manifest.latent.get("vae_scale_factor", 8)
     student = ExportedStudent(open_runner(args.path, args.provider))
     height = args.height // factor if args.height else None
@@ -347,6 +372,11 @@ def cmd_generate(args) -> int:
     cond = student.fit_text_length(cond)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     latents = student.generate(cond, noise, eta=args.eta, generator=torch.Generator().manual_seed(args.seed + 1))
+    if not torch.isfinite(latents).all():
+        bad = int((~torch.isfinite(latents)).sum())
+        raise NonFinite(f"the {student.runner.kind} student produced {bad} of {latents.numel()} non-finite latent "
+                        f"values: nothing was written to {args.out}. Validate the export (python -m export.trt "
+                        f"validate {args.path}); an fp16 export that overflows needs --dtype fp32")
     out = Path(args.out)
     from tdm_train import atomic
 
@@ -373,16 +403,23 @@ def cmd_inspect(args) -> int:
     manifest = load_manifest(args.path)
     folder = manifest_path(args.path).parent
     print(manifest.to_json(), end="")
+    damaged = None
     try:
         summary = onnx_summary(folder / manifest.onnx)
         print(f"# {manifest.onnx}: opset {summary['opset']}, {summary['nodes']} nodes, inputs {summary['inputs']}, "
               f"outputs {summary['outputs']}")
+    except IncompatibleFile as error:
+        damaged = error
     except (MissingDependency, FileNotFoundError, OSError) as error:
         print(f"# {manifest.onnx}: not readable here ({error})")
     for engine in manifest.engines:
         present = (folder / engine["file"]).is_file()
         print(f"# engine {engine['file']}: TensorRT {engine.get('tensorrt')}, sm{engine.get('compute_capability')}, "
               f"refit {engine.get('refit')}, {'present' if present else 'MISSING'}")
+    if damaged is not None:
+        raise damaged  # exit 3, after everything else about the export was printed
+    if manifest.validation_failed:
+        print(f"# validation FAILED at export: {manifest.validation.get('error') or 'out of tolerance'}")
     return 0
 
 
@@ -398,26 +435,14 @@ COMMANDS = {"onnx": cmd_onnx, "build": cmd_build, "refit": cmd_refit, "validate"
             "generate": cmd_generate, "inspect": cmd_inspect}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .deps import MissingDependency
-    from .onnx_export import ExportFailed
-    from .validate import ValidationFailed
-
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except MissingDependency as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_MISSING
-    except ValidationFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_TOLERANCE
-    except ExportFailed as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return COMMANDS[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs a command; every error the input explains is one ``error:`` paragraph and its exit code."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

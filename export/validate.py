@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from tdm_train.errors import EXIT_TOLERANCE, ToolError
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -68,5 +70,7 @@ def compare(reference: torch.Tensor, output: torch.Tensor) -> ErrorStats:
                       finite=finite)
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(ToolError, RuntimeError):
     """The exported network is out of tolerance; the message lists where and by how much."""
+
+    exit_code = EXIT_TOLERANCE

@@ -38,6 +38,8 @@ def exported_files() -> list[str]:
         path = folder_paths.get_full_path(FOLDER, name)
         if path is None or not (Path(path).parent / MANIFEST_NAME).is_file():
             continue
+        if Path(path).parent.suffix in (".partial", ".failed", ".previous"):  # staging.py's side folders
+            continue
         if Path(name).suffix in (".engine", ".plan") or Path(name).name == OPTIMIZED_ONNX:
             names.append(name)
     return sorted(names)
@@ -124,6 +126,7 @@ class TDMExportEngine(io.ComfyNode):
         import comfy.model_management
         from export.deps import require_tensorrt
         from export.onnx_export import export_onnx
+        from export.staging import staged_export
 
         from .engine_models import comfy_family_spec, comfy_scheduler_config, exportable
 
@@ -140,8 +143,10 @@ class TDMExportEngine(io.ComfyNode):
         comfy.model_management.unload_all_models()
         comfy.model_management.load_models_gpu([model], force_patch_weights=True, force_full_load=True)
         spec = comfy_family_spec(model, shapes, dtype)
-        with exportable(model.model.diffusion_model, DTYPES[dtype]), step_condition:
-            manifest = export_onnx(spec, folder, dtype=dtype, shapes=shapes, scheduler_config=comfy_scheduler_config(model),
+        # re-running the node replaces its export, but only with one that validated (export/staging.py)
+        with exportable(model.model.diffusion_model, DTYPES[dtype]), step_condition, \
+                staged_export(folder, (folder / MANIFEST_NAME).is_file()) as target:
+            manifest = export_onnx(spec, target, dtype=dtype, shapes=shapes, scheduler_config=comfy_scheduler_config(model),
                                    timesteps=grid, signature="comfyui",
                                    source={"comfyui_model": type(model.model.model_config).__name__,
                                            "patches": len(model.patches)},
@@ -173,12 +178,15 @@ class TDMEngineLoader(io.ComfyNode):
                 io.Combo.Input("engine_name", options=exported_files()),
                 io.Combo.Input("onnx_provider", options=["auto", "cpu", "cuda"], default="auto",
                                tooltip="ONNX files only: ONNX Runtime's execution provider"),
+                io.Boolean.Input("allow_failed_validation", default=False, optional=True,
+                                 tooltip="load an export whose engine.json says its validation failed (its outputs "
+                                         "are not trusted: normally it is refused)"),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, engine_name, onnx_provider) -> io.NodeOutput:
+    def execute(cls, engine_name, onnx_provider, allow_failed_validation=False) -> io.NodeOutput:
         import comfy.model_management
         from export.manifest import load_manifest
         from export.runtime import open_runner
@@ -188,6 +196,8 @@ class TDMEngineLoader(io.ComfyNode):
         register_engine_folder()
         path = Path(folder_paths.get_full_path_or_raise(FOLDER, engine_name))
         manifest = load_manifest(path)
+        manifest.refuse_if_unvalidated(f"TDM Engine Loader: {engine_name}", allow_failed_validation,
+                                       "allow_failed_validation")
         runner = open_runner(path, onnx_provider)  # TensorRT deserializes lazily, at the first step
         if path.suffix == ".onnx" and getattr(runner, "provider", "cpu") == "cpu":
             device = comfy.model_management.intermediate_device()

@@ -24,6 +24,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_writable_folder(folder: str | Path, what: str) -> None:
+    """``folder`` is (or can become) a folder this process can write in; ``what`` names it in the
+    error (e.g. "--output_dir"). A probe file is created and removed: nothing is left behind."""
+    import tempfile
+
+    from .errors import OutputRefused
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputRefused(f"{what} {folder} is a file, not a folder: choose another path")
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputRefused(f"{what} {folder}: {existing} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".tdm-write-probe-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputRefused(f"{what} {folder}: cannot write in {existing} ({error.strerror}): choose a writable "
+                            "folder") from None
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

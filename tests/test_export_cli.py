@@ -12,7 +12,7 @@ import onnx_graphsurgeon  # noqa: F401
 
 from export_helpers import TIMESTEPS, tiny_student  # noqa: E402
 
-from export.trt import EXIT_BAD_INPUT, EXIT_MISSING, EXIT_TOLERANCE, main  # noqa: E402
+from export.trt import EXIT_BAD_FILE, EXIT_BAD_INPUT, EXIT_MISSING, EXIT_TOLERANCE, main  # noqa: E402
 
 SIZES = ["--height", "16:32:32", "--width", "16:32:32"]  # pixels; the tiny VAE downsamples by 2
 
@@ -119,7 +119,7 @@ def test_bad_inputs_get_clear_errors(sdxl, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     _, pixart_lora = tiny_student(tmp_path / "pixart", "pixart")
     assert main(["onnx", "--model", str(pipeline), "--lora", str(pixart_lora / "pytorch_lora_weights.safetensors"),
-                 "--out-dir", str(tmp_path / "x"), *SIZES]) == EXIT_BAD_INPUT
+                 "--out-dir", str(tmp_path / "x"), *SIZES]) == EXIT_BAD_FILE
     err = capsys.readouterr().err
     assert "matched no weight" in err and "transformer_blocks.0.attn1.to_q" in err
     assert main(["onnx", "--model", str(pipeline), "--out-dir", str(tmp_path / "y"), "--height", "17"]) \

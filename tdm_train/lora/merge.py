@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import IncompatibleFile, NonFinite
 from .metadata import describe_unmatched, recommend
 from .step_embedding import KEY_PREFIX as STEP_CONDITION_PREFIX
 
@@ -51,14 +52,19 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraLayer], dict[str, str]]:
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: LoRA files are read as .safetensors only (pickle files are never unpickled); "
+        raise IncompatibleFile(f"{path}: LoRA files are read as .safetensors only (pickle files are never unpickled); "
                          "convert it first")
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+        raise IncompatibleFile(f"{path} is not a readable safetensors file ({error})") from None
+    poisoned = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if poisoned:  # a diverged training run: fusing it would make every export of it NaN
+        shown = ", ".join(poisoned[:6]) + (f" and {len(poisoned) - 6} more" if len(poisoned) > 6 else "")
+        raise NonFinite(f"{path} holds NaN or inf in {len(poisoned)} of {len(tensors)} tensors ({shown}): it is "
+                        "refused; use an earlier checkpoint of the run (a TDM training run never saves such a LoRA)")
     peft_config = _adapter_config(metadata)
     layers: dict[str, dict] = {}
     for key, value in tensors.items():
@@ -71,18 +77,18 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraLayer], dict[str, str]]:
         elif key.endswith(".alpha"):
             layers.setdefault(key[: -len(".alpha")], {})["alpha"] = float(value)
         else:
-            raise ValueError(f"{path}: key {key!r} is not a LoRA weight (expected lora_A/lora_B, lora_down/lora_up "
+            raise IncompatibleFile(f"{path}: key {key!r} is not a LoRA weight (expected lora_A/lora_B, lora_down/lora_up "
                              "or .alpha keys); is this a full checkpoint rather than a LoRA?")
     result = {}
     for name, parts in layers.items():
         if "down" not in parts or "up" not in parts:
-            raise ValueError(f"{path}: module {name} has {sorted(parts)} but needs both down and up weights")
+            raise IncompatibleFile(f"{path}: module {name} has {sorted(parts)} but needs both down and up weights")
         alpha = parts.get("alpha")
         if alpha is None and peft_config:
             alpha = _peft_alpha(peft_config, _strip(name), parts["down"].shape[0])
         result[name] = LoraLayer(parts["down"], parts["up"], alpha)
     if not result:
-        raise ValueError(f"{path} holds no LoRA weights")
+        raise IncompatibleFile(f"{path} holds no LoRA weights")
     return result, metadata
 
 
@@ -158,7 +164,7 @@ def match_lora(model: torch.nn.Module, path: str | Path) -> LoraMatch:
         # up [out, rank] @ down [rank, in * kernel] must give exactly [out, in * kernel] of the weight
         # (a numel check alone would fuse a transposed LoRA, [in, out], into garbage)
         if up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0] or down.shape[1] != weight[0].numel():
-            raise ValueError(f"{path}: {name} has up {tuple(layer.up.shape)} and down {tuple(layer.down.shape)}, "
+            raise IncompatibleFile(f"{path}: {name} has up {tuple(layer.up.shape)} and down {tuple(layer.down.shape)}, "
                              f"which do not fit {_strip(name)}'s weight {tuple(weight.shape)}: a LoRA for another "
                              "model size, or a broken file")
         matched[name] = (module, layer)
@@ -183,7 +189,7 @@ def fuse_lora(model: torch.nn.Module, path: str | Path, strength: float | None =
     match = match_lora(model, path)
     strength, source = resolve_strength(match.metadata, path, strength)
     if match.unmatched:
-        raise ValueError(f"{path} does not fit this {type(model).__name__}: "
+        raise IncompatibleFile(f"{path} does not fit this {type(model).__name__}: "
                          + describe_unmatched(match.unmatched, len(match.unmatched) + len(match.modules)))
     updates = [(module.weight, match.delta(name, strength)) for name, (module, _) in match.modules.items()]
     for weight, delta in updates:  # only now, after every layer was checked

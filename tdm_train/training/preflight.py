@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from .. import atomic
 from ..errors import BadInput, IncompatibleFile, OutputRefused
 
 # the denoiser of each backbone: its folder and diffusers class; the components training reads
@@ -207,28 +206,10 @@ def holds_run(output_dir: Path) -> list[str]:
                   if CHECKPOINT_PATTERN.match(p.name) or p.name in RUN_FILES[:2])
 
 
-def check_writable(output_dir: Path, dest: str = "--output_dir") -> None:
-    """``output_dir`` is (or can become) a folder this process can write in. Nothing is left behind."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputRefused(f"{dest} {output_dir} is a file, not a folder: choose another path")
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputRefused(f"{dest} {output_dir}: {existing} is a file, not a folder")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".tdm-write-probe-", dir=existing)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as error:
-        raise OutputRefused(f"{dest} {output_dir}: cannot write in {existing} ({error.strerror}): choose a writable "
-                            "folder") from None
-
-
 def check_output(output_dir: Path, resume: str | None, overwrite: bool) -> list[str]:
     """Refuses a run into a folder that holds another run, unless resuming it or told to overwrite
     it. Returns what --overwrite_output_dir will remove (nothing is removed here)."""
-    check_writable(output_dir)
+    atomic.check_writable_folder(output_dir, "--output_dir")
     found = holds_run(output_dir)
     if not found or resume:
         return []

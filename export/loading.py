@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from tdm_train.errors import IncompatibleFile
 from tdm_train.lora.merge import fuse_lora
 from tdm_train.lora.step_embedding import StepConditions, fold_into_bias
+from tdm_train.training.preflight import check_weights
 from tdm_train.training.teachers import PIPELINE_CLASSES, pipeline_class_name
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
@@ -36,7 +38,7 @@ def pipeline_family(folder: Path) -> str:
     name = pipeline_class_name(folder, "--model takes a diffusers pipeline folder, or a .safetensors UNet "
                                        "checkpoint with --config pointing at its pipeline folder")
     if name not in FAMILY_OF_PIPELINE:
-        raise ValueError(f"{folder} is a {name or 'unknown'} pipeline; the export supports "
+        raise IncompatibleFile(f"{folder} is a {name or 'unknown'} pipeline; the export supports "
                          f"{', '.join(sorted(FAMILY_OF_PIPELINE))}")
     return FAMILY_OF_PIPELINE[name]
 
@@ -84,8 +86,13 @@ def load_student(model: str | Path, lora: str | Path | None = None, strength: fl
     cls = getattr(diffusers, MODEL_CLASS[family])
     if model.is_dir():
         if not (folder / component).is_dir():
-            raise FileNotFoundError(f"{folder} lacks its {component}/ folder")
-        denoiser = cls.from_pretrained(folder / component, torch_dtype=torch.float32)
+            raise IncompatibleFile(f"{folder} lacks its {component}/ folder")
+        check_weights(folder / component)
+        try:
+            denoiser = cls.from_pretrained(folder / component, torch_dtype=torch.float32)
+        except (ValueError, OSError) as error:
+            raise IncompatibleFile(f"{folder / component}: the {cls.__name__} does not load "
+                                   f"({' '.join(str(error).split())[:400]})") from None
     else:
         if model.suffix != ".safetensors":
             raise ValueError(f"{model}: single-file checkpoints are read as .safetensors only (never unpickled)")

@@ -147,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _pixels_to_latent(value, factor: int, flag: str):
     if value is None:
         return None
-    if any(v % factor for v in value):
-        raise ValueError(f"--{flag} {value}: pixel sizes must be multiples of the VAE factor {factor}")
+    if any(v % factor or v < 1 for v in value):
+        raise BadInput(f"--{flag} {':'.join(map(str, value))}: pixel sizes must be positive multiples of the VAE factor {factor}")
     return tuple(v // factor for v in value)
 
 
@@ -353,6 +353,16 @@ def cmd_generate(args) -> int:
     from .manifest import load_manifest
     from .runtime import open_runner
 
+    from tdm_train import atomic
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        from PIL import Image
+
+        if out.suffix.lower() not in Image.registered_extensions():
+            raise BadInput(f"--out {out}: .png (or another image format PIL writes) for an image, .safetensors for "
+                           "the latents")
+    atomic.check_writable_folder(out.parent, "--out's folder")
     manifest = load_manifest(args.path)
     manifest.refuse_if_unvalidated(str(args.path), args.force)
     folder = Path(args.model or manifest.source.get("config", ""))
@@ -360,8 +370,8 @@ def cmd_generate(args) -> int:
         raise BadInput("generate needs the base pipeline folder (text encoders, VAE): pass --model")
     factor = manifest.latent.get("vae_scale_factor", 8)
     student = ExportedStudent(open_runner(args.path, args.provider))
-    height = args.height // factor if args.height else None
-    width = args.width // factor if args.width else None
+    height, width = (_pixels_to_latent((value,), factor, flag)[0] if value else None
+                     for value, flag in ((args.height, "height"), (args.width, "width")))
     shape = student.latent_shape(1, height, width)
     if manifest.family == "sd15":
         raise ValueError("generate encodes prompts for SDXL, PixArt and CogVideoX exports; sample SD1.x engines "
@@ -377,8 +387,6 @@ def cmd_generate(args) -> int:
         raise NonFinite(f"the {student.runner.kind} student produced {bad} of {latents.numel()} non-finite latent "
                         f"values: nothing was written to {args.out}. Validate the export (python -m export.trt "
                         f"validate {args.path}); an fp16 export that overflows needs --dtype fp32")
-    out = Path(args.out)
-    from tdm_train import atomic
 
     if out.suffix == ".safetensors":
         atomic.save_safetensors({"latents": latents}, out, {"prompt": args.prompt, "seed": str(args.seed)})

@@ -68,13 +68,16 @@ class NonFinite(ToolError, RuntimeError):
 
 
 def unsafe_pickle(path, error: Exception) -> IncompatibleFile:
-    """torch's weights-only loader refused a pickle. Its own message ends with advice to retry with
-    ``weights_only=False``, which would run whatever code the file holds: never pass that on."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """torch's weights-only loader refused a pickle. Its own message advises retrying with
+    ``weights_only=False``, which would run whatever code the file holds: it is never passed on;
+    only the object the pickle asked for is named."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    what = f"it asks for {found.group(1)}, " if found else ""
     return IncompatibleFile(
-        f"{path}: not a safe format. It is a pickle holding more than tensors and plain containers "
-        f"({first.removeprefix('Weights only load failed. ')[:200]}); it is refused and was not executed. "
-        "Loading it anyway would run any code it contains: get a .safetensors file, or re-create it with this tool.")
+        f"{path}: not a safe format. It is a pickle holding more than tensors and plain containers ({what}refused by "
+        "the safe loader); it was not executed. Get a .safetensors file, or re-create the file with this tool.")
 
 
 def _is_safetensors_error(error: BaseException) -> bool:

@@ -249,7 +249,8 @@ def test_a_pickle_that_would_run_code_is_refused_without_unsafe_advice(finished_
     result = run("--pretrained_teacher_model", pipelines["sdxl"], "--prompts", prompts, "--output_dir", out,
                  *TINY, "--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-3")
     assert_refused(result, EXIT_BAD_FILE, "optimizer_student.pt", "not a safe format", "was not executed")
-    assert "weights_only=False" not in result.stderr and not (tmp_path / "pwned").exists()
+    assert "weights_only" not in result.stderr and "system" in result.stderr  # names the call, not torch's advice
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_disk_full_while_saving_is_one_message_and_the_last_checkpoint_survives(finished_run, pipelines, prompts,

@@ -163,11 +163,12 @@ def test_accumulation_precision_and_bucket_flags_reach_the_training_config(pipel
     from tdm_train.training.run import check_args
 
     args = parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]), "--prompts", str(prompts),
-                       "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16", "--ddp_bucket_cap_mb", "50"])
+                       "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16", "--ddp_bucket_cap_mb", "50",
+                       "--output_dir", str(prompts.parent / "never")])
     _, _, config = check_args(args)
     assert (config.gradient_accumulation_steps, config.mixed_precision, config.ddp_bucket_cap_mb) == (4, "fp16", 50.0)
     _, _, defaults = check_args(parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]),
-                                            "--prompts", str(prompts)]))
+                                            "--prompts", str(prompts), "--output_dir", str(prompts.parent / "never")]))
     assert (defaults.gradient_accumulation_steps, defaults.ddp_bucket_cap_mb) == (1, 25.0)
 
 

@@ -394,6 +394,36 @@ def test_export_node_then_engine_loader_samples_like_the_pytorch_model(comfy):
     assert (engine_latent - torch_latent).abs().max() < 1e-4 * torch_latent.abs().max()
 
 
+def test_engine_loader_refuses_a_failed_export_and_the_export_node_replaces_only_with_a_validated_one(comfy):
+    url, base, _ = comfy
+    entry = _run_prompt(url, _export_prompt("tiny_refused"))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    folder = base / "models" / "tensorrt" / "tiny_refused"
+    # run the node again into the same name: swapped in whole, no side folder left
+    again = _export_prompt("tiny_refused")
+    for node in again.values():
+        if node["class_type"] == "TDMExportEngine":
+            node["inputs"]["batch_max"] = 3  # another export, so ComfyUI does not answer from its cache
+    entry = _run_prompt(url, again)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    assert json.loads((folder / "engine.json").read_text())["inputs"][0]["profile"]["max"][0] == 3
+    assert not [p.name for p in folder.parent.iterdir() if p.name.startswith("tiny_refused.")]
+
+    manifest = json.loads((folder / "engine.json").read_text())
+    manifest["validation"]["passed"] = False  # as a diverged student's export would say
+    (folder / "engine.json").write_text(json.dumps(manifest))
+    engine_prompt = _latent_output(_tiny(json.loads((ROOT / "workflows" / "api" / "sdxl_tdm_engine_4step.json")
+                                                    .read_text())))
+    loader = next(n for n in engine_prompt.values() if n["class_type"] == "TDMEngineLoader")
+    loader["inputs"]["engine_name"] = "tiny_refused/model.opt.onnx"
+    refused = _run_prompt(url, engine_prompt)
+    assert refused["status"]["status_str"] == "error"
+    assert "failed its validation" in json.dumps(refused["status"]["messages"])
+    loader["inputs"]["allow_failed_validation"] = True
+    allowed = _run_prompt(url, engine_prompt)
+    assert allowed["status"]["status_str"] == "success", allowed["status"]["messages"]
+
+
 def test_fp16_export_of_an_fp32_model_validates_and_leaves_the_model_as_it_was(comfy):
     url, base, _ = comfy
     workflow = json.loads((ROOT / "workflows" / "api" / "sd15_dreamshaper_tdm_lora_4step.json").read_text())

@@ -1,7 +1,7 @@
 """The teacher guidance TDM trains with when the user sets none: the backbone's recipe
 (tdm_train/recipes.py) reaches TDMConfig.guidance_scale through the CLI's checks, an
 explicit value (1.0 included) wins in flags and config files, and the demos keep their own.
-Checked on folders holding only a model_index.json: check_args loads no model."""
+Checked through check_args, which loads no model (tiny pipeline folders: it checks them whole)."""
 
 import json
 
@@ -18,21 +18,19 @@ PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "pixart": "PixArtAlphaPipeline
 EXPECTED = {"sdxl": 8.0, "pixart": 4.5, "cogvideox": 6.0}
 
 
-@pytest.fixture
-def folders(tmp_path):
-    out = {}
-    for backbone, pipeline in PIPELINES.items():
-        folder = tmp_path / backbone
-        folder.mkdir()
-        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
-        out[backbone] = folder
-    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from tdm_train.tiny_models import save_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("teachers")
+    out = {backbone: save_tiny_pipeline(root / backbone, backbone) for backbone in PIPELINES}
+    (root / "prompts.txt").write_text("a cat\na dog\n")
     return out
 
 
 def _guidance(folder, *flags) -> float:
     args = parse_args(["--pretrained_teacher_model", str(folder), "--prompts", str(folder.parent / "prompts.txt"),
-                       *map(str, flags)])
+                       "--output_dir", str(folder.parent / "never"), *map(str, flags)])
     _, _, config = check_args(args)
     return config.tdm.guidance_scale
 
@@ -44,9 +42,18 @@ def test_cli_default_is_the_backbones_recipe(folders, backbone):
     assert RECOMMENDED_GUIDANCE[backbone].scale == EXPECTED[backbone]
 
 
-def test_forced_backbone_takes_its_own_recipe(folders):
-    # --backbone beats the folder's model_index.json, and its recipe comes with it
-    assert _guidance(folders["sdxl"], "--backbone", "pixart") == EXPECTED["pixart"]
+def test_forced_backbone_takes_its_own_recipe(folders, tmp_path):
+    # a folder whose model_index.json names a pipeline of its own: --backbone says what it is, and its
+    # recipe comes with it (a forced backbone that contradicts a known pipeline class is refused)
+    import shutil
+
+    custom = tmp_path / "custom"
+    shutil.copytree(folders["pixart"], custom)
+    (custom / "model_index.json").write_text(json.dumps({"_class_name": "MyPixArtPipeline"}))
+    (custom.parent / "prompts.txt").write_text("a cat\n")
+    assert _guidance(custom, "--backbone", "pixart") == EXPECTED["pixart"]
+    with pytest.raises(ValueError, match="says StableDiffusionXLPipeline"):
+        _guidance(folders["sdxl"], "--backbone", "pixart")
 
 
 @pytest.mark.parametrize("backbone", list(PIPELINES))
@@ -58,16 +65,18 @@ def test_an_explicit_value_wins_even_1(folders, backbone):
 def test_config_files_set_the_guidance_and_flags_beat_them(folders, tmp_path):
     folder = folders["sdxl"]
     prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
     toml = tmp_path / "tdm.toml"
-    toml.write_text(f'pretrained_teacher_model = "{folder}"\nprompts = "{prompts}"\nreal_guidance_scale = 1.0\n')
+    toml.write_text(f'pretrained_teacher_model = "{folder}"\nprompts = "{prompts}"\nreal_guidance_scale = 1.0\n'
+                    f'output_dir = "{tmp_path / "never"}"\n')
     assert check_args(parse_args(["--config", str(toml)]))[2].tdm.guidance_scale == 1.0
     assert check_args(parse_args(["--config", str(toml), "--real_guidance_scale", "3"]))[2].tdm.guidance_scale == 3.0
     yaml = tmp_path / "tdm.yaml"
-    yaml.write_text(f"pretrained_teacher_model: {folder}\nprompts: {prompts}\n")  # no guidance: the recipe
+    yaml.write_text(f"pretrained_teacher_model: {folder}\nprompts: {prompts}\noutput_dir: {tmp_path / 'never'}\n")  # no guidance: the recipe
     assert check_args(parse_args(["--config", str(yaml)]))[2].tdm.guidance_scale == EXPECTED["sdxl"]
     as_text = tmp_path / "tdm.json"
     as_text.write_text(json.dumps({"pretrained_teacher_model": str(folder), "prompts": str(prompts),
-                                   "real_guidance_scale": "1"}))
+                                   "real_guidance_scale": "1", "output_dir": str(tmp_path / "never")}))
     assert check_args(parse_args(["--config", str(as_text)]))[2].tdm.guidance_scale == 1.0
 
 

@@ -51,6 +51,8 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraLayer], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LoRA file")
     if path.suffix != ".safetensors":
         raise IncompatibleFile(f"{path}: LoRA files are read as .safetensors only (pickle files are never unpickled); "
                          "convert it first")

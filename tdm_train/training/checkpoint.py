@@ -70,13 +70,18 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None, warn=None) -
     if not resume_from:
         return None
     if resume_from == "latest":
-        for candidate in reversed(list_checkpoints(output_dir)):
+        candidates = list_checkpoints(output_dir)
+        for candidate in reversed(candidates):
             try:
                 verify(candidate)
                 return candidate
             except IncompatibleFile as error:
                 if warn is not None:
                     warn(f"skipping {candidate.name}: {error}; trying the previous checkpoint")
+        if candidates:  # starting fresh here would mix a new run with the damaged one
+            raise IncompatibleFile(f"none of the {len(candidates)} checkpoints in {output_dir} is complete (see "
+                                   "above): nothing to resume. Start over with --overwrite_output_dir, or choose "
+                                   "another --output_dir")
         return None
     path = Path(resume_from)
     if not path.is_absolute() and not path.exists():

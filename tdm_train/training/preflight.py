@@ -117,7 +117,10 @@ def check_weights(folder: Path) -> None:
     against the file's size: a truncated or random-byte file fails here, naming itself)."""
     from safetensors import safe_open
 
-    for path in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise IncompatibleFile(f"{folder} holds no weights (no .safetensors file): download the component again")
+    for path in files:
         try:
             with safe_open(str(path), "pt"):
                 pass
@@ -166,6 +169,10 @@ def inspect_teacher(folder: Path, forced: str, validation_images: bool) -> tuple
             raise IncompatibleFile(f"{folder / name / 'config.json'} is missing")
         read_json_config(name, "config.json")
         check_weights(folder / name)
+    for name in TEXT_COMPONENTS[backbone]:
+        if name.startswith("tokenizer"):
+            for file in sorted((folder / name).glob("*.json")):
+                read_json(file, f"the {name} files")
     config = read_json_config(subfolder, "config.json")
     found = config.get("_class_name")
     if found is not None and found != class_name:

@@ -15,6 +15,16 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
     suffix = path.suffix.lower()
+    if column and suffix == ".txt":
+        raise ValueError(f"--prompt_column {column!r}: a .txt prompt file has no columns (one prompt per line); "
+                         "it applies to .jsonl and .csv files")
+    try:
+        return _read(path, suffix, column)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--prompts {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
+def _read(path: Path, suffix: str, column: str | None) -> list[str]:
     if suffix == ".txt":
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     elif suffix == ".jsonl":

@@ -117,6 +117,11 @@ def _check_resume(output_dir: Path, resume: str, backbone: str, denoiser_config:
         expected["model_config"] = {k: v for k, v in denoiser_config.items() if k in keys}
         state = {**state, "model_config": {k: v for k, v in state["model_config"].items() if k in denoiser_config}}
     differs = ckpt.differences(state, expected)
+    accumulation = state.get("gradient_accumulation_steps", 1)
+    if accumulation != config.gradient_accumulation_steps:
+        differs.append(f"gradient_accumulation_steps {accumulation} there, {config.gradient_accumulation_steps} here")
+    if not config.tdm.unify_steps and state.get("timesteps") not in (None, config.tdm.grid()):
+        differs.append(f"timesteps {state['timesteps']} there, {config.tdm.grid()} here")
     if differs:
         raise IncompatibleFile(f"{path} is from another run: {'; '.join(differs)}. Resume with the settings it was "
                                "trained with, or start a fresh run (another --output_dir, or --overwrite_output_dir)")
@@ -136,12 +141,22 @@ def train_from_args(args: argparse.Namespace) -> dict:
                               project_dir=config.output_dir)
     folder = Path(args.pretrained_teacher_model)
     with accelerator.main_process_first():
-        conditions, negative = cached_prompt_conditions(folder, backbone, prompts, Path(config.output_dir) / "cache",
-                                                        device=accelerator.device)
+        try:
+            conditions, negative = cached_prompt_conditions(folder, backbone, prompts,
+                                                            Path(config.output_dir) / "cache", device=accelerator.device)
+        except (ValueError, OSError) as error:  # a text encoder or tokenizer that does not load
+            if isinstance(error, OSError) and error.errno is not None:
+                raise  # disk full, permissions: errors.explain words them
+            raise IncompatibleFile(f"{folder}: the text encoders do not load ({' '.join(str(error).split())[:400]})") \
+                from None
     if backbone == "sdxl":
         conditions = add_sdxl_time_ids(conditions, args.resolution)
-    backend = build_backend(folder, backbone, negative, resolution=args.resolution, height=args.height,
-                            width=args.width, frames=args.frames)
+    try:
+        backend = build_backend(folder, backbone, negative, resolution=args.resolution, height=args.height,
+                                width=args.width, frames=args.frames)
+    except (ValueError, OSError, RuntimeError) as error:  # weights that do not fit their config, ...
+        raise IncompatibleFile(f"{folder}: the {backbone} denoiser does not load ({' '.join(str(error).split())[:400]})") \
+            from None
     # everything drawn from here on follows --seed: the trainer's own generator does the loop's TDM draws,
     # AdapterRoles seeds the LoRA initialisation; this covers what uses the global RNGs (dropout in the
     # denoiser, anything a model does in train mode). Seeded after the prompt encoding, so a cache hit

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
+from ..errors import IncompatibleFile
 from ..backends import CogVideoXBackend, PixArtBackend, SDXLBackend
 from ..backends.base import Backend, Condition
 
@@ -28,7 +29,11 @@ def pipeline_class_name(folder: Path, hint: str) -> str:
     index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json: {hint}")
-    return json.loads(index.read_text()).get("_class_name", "")
+    try:
+        data = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IncompatibleFile(f"{index} is not valid JSON ({error}): the pipeline's index") from None
+    return data.get("_class_name", "") if isinstance(data, dict) else ""
 
 
 def detect_backbone(folder: str | Path) -> str:

@@ -420,14 +420,14 @@ class TDMTrainer:
                                    "it was trained with, or start a fresh run (another --output_dir, or "
                                    "--overwrite_output_dir)")
         if state.get("world_size", 1) != self.world_size:
-            raise ValueError(f"{path} was written by {state['world_size']} processes; resume with the same number "
+            raise IncompatibleFile(f"{path} was written by {state['world_size']} processes; resume with the same number "
                              f"(now {self.world_size})")
         accumulation = state.get("gradient_accumulation_steps", 1)
         if accumulation != self.config.gradient_accumulation_steps:
-            raise ValueError(f"{path} was trained with --gradient_accumulation_steps {accumulation}; resume with the "
+            raise IncompatibleFile(f"{path} was trained with --gradient_accumulation_steps {accumulation}; resume with the "
                              f"same (now {self.config.gradient_accumulation_steps}) to continue exactly")
         if state.get("timesteps") != self.objective.timesteps:
-            raise ValueError(f"{path} trained on timesteps {state.get('timesteps')}, this run uses "
+            raise IncompatibleFile(f"{path} trained on timesteps {state.get('timesteps')}, this run uses "
                              f"{self.objective.timesteps}; resume with the same grid")
         trained_cfg = state.get("config", {}).get("tdm", {}).get("guidance_scale")
         if trained_cfg is not None and trained_cfg != self.config.tdm.guidance_scale:  # e.g. a changed default

@@ -566,6 +566,7 @@ def test_interrupted_training_keeps_a_checkpoint_and_resume_continues_from_it(co
     checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert checkpoints, "the Cancel button left no checkpoint"
     reached = int(checkpoints[-1].name.split("-")[1])
+    carried = json.loads((checkpoints[-1] / "train_history.json").read_text())  # the log up to that step
     assert reached >= 1
     assert not (base / "models" / "loras" / "tiny_interrupted.safetensors").exists()
 
@@ -578,7 +579,9 @@ def test_interrupted_training_keeps_a_checkpoint_and_resume_continues_from_it(co
     assert resumed["status"]["status_str"] == "success", resumed["status"]["messages"]
     assert f"resumed from {checkpoints[-1]} at step {reached}" in log.read_text()[start:]
     history = json.loads((folder / "train_history.json").read_text())
-    assert [h["step"] for h in history] == [reached + 1, reached + 2]  # only the missing steps ran
+    # the whole run's log, each step once: the checkpoint's own entries carried over, then only the missing steps
+    assert [h["step"] for h in history] == list(range(1, reached + 3))
+    assert history[:reached] == carried
 
 
 def _cogvideox_prompt(model: str, lora: str, frames: int = 9) -> dict:

@@ -60,7 +60,8 @@ CATALOG: dict[str, dict] = {
                     "width_max", "context_max", "timesteps", "build_tensorrt_engine", "num_steps"],
         "outputs": [("export_folder", "STRING")],
     },
-    "TDMEngineLoader": {"inputs": [], "widgets": ["engine_name", "onnx_provider"], "outputs": [("MODEL", "MODEL")]},
+    "TDMEngineLoader": {"inputs": [], "widgets": ["engine_name", "onnx_provider", "allow_failed_validation"],
+                        "outputs": [("MODEL", "MODEL")]},
     "TDMTrainLoRA": {
         "inputs": [("model", "MODEL"), ("clip", "CLIP")],
         "widgets": ["prompts", "prompts_file", "negative_prompt", "width", "height", "steps", "batch_size",
@@ -248,7 +249,7 @@ def workflows() -> list[Workflow]:
         [
             Node(1, "TDMEngineLoader", {"engine_name": "sdxl_tdm_student/"
                                                        "sdxl_fp16_b1-1-2_h64-128-128_w64-128-128_trt10.13.3_sm89.engine",
-                                        "onnx_provider": "auto"}, pos=(40, 80)),
+                                        "onnx_provider": "auto", "allow_failed_validation": False}, pos=(40, 80)),
             Node(2, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, pos=(40, 300)),
             Node(3, "CLIPTextEncode", {"text": PROMPT}, {"clip": (2, 1)}, pos=(420, 300)),
             Node(4, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(420, 520)),

@@ -15,6 +15,7 @@ import pytest
 import peft  # noqa: F401
 import transformers  # noqa: F401
 
+from disk_state import snapshot
 from tdm_train.errors import EXIT_BAD_FILE, EXIT_BAD_INPUT, EXIT_OUTPUT
 from tdm_train.tiny_models import save_tiny_pipeline
 
@@ -42,16 +43,6 @@ def run(*args, env=None, python_prefix=None):
                    "sys.exit(main(sys.argv[1:]))", *map(str, args)]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
-
-
-def snapshot(*folders) -> dict:
-    """Every file under the folders: size and modification time (what 'nothing changed' compares)."""
-    state = {}
-    for folder in folders:
-        for path in sorted(Path(folder).rglob("*")) if Path(folder).exists() else ():
-            stat = path.stat()
-            state[str(path)] = (path.is_dir(), stat.st_size, stat.st_mtime_ns)
-    return state
 
 
 def assert_refused(result, code: int, *culprits: str):

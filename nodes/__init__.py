@@ -15,13 +15,7 @@ def node_classes() -> list[type]:
 
 def build_extension():
     """The ComfyExtension that ComfyUI's V3 loader asks for (see the root __init__.py)."""
-    try:
-        from comfy_api.latest import ComfyExtension
-    except ImportError as error:  # outside ComfyUI
-        raise ImportError(
-            "comfy_api.latest is not importable: ComfyUI-TDM's nodes need ComfyUI >= 0.3.48 "
-            "(run this pack from ComfyUI/custom_nodes/)"
-        ) from error
+    from .v3_api import ComfyExtension  # a numbered comfy_api version (v3_api.py); ImportError outside ComfyUI
 
     class TDMExtension(ComfyExtension):
         async def get_node_list(self):

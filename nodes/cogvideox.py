@@ -11,11 +11,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from comfy_api.latest import io, ui
 
 import folder_paths
 from tdm_train.lora.step_embedding import StepConditions, condition_target, applied
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
+
+from .v3_api import io, ui
 
 CATEGORY = "TDM/CogVideoX"
 FOLDER = "CogVideo"

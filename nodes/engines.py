@@ -8,8 +8,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-from comfy_api.latest import io, ui
-
 import folder_paths
 from export.families import DTYPES, ExportShapes
 from export.manifest import MANIFEST_NAME
@@ -17,6 +15,7 @@ from tdm_train.lora.step_embedding import applied
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
 from .step_condition import APPLY_MODEL, WRAPPER_KEY, FixedStepsWrapper, attached
+from .v3_api import io, ui
 
 CATEGORY = "TDM/export"
 FOLDER = "tensorrt"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from comfy_api.latest import io, ui
-
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
@@ -16,6 +14,7 @@ from tdm_train.lora.step_embedding import StepConditions, without_step_condition
 
 from .sampling import CATEGORY
 from .step_condition import attach, describe
+from .v3_api import io, ui
 
 NOT_LOADED_PREFIX = "lora key not loaded: "
 

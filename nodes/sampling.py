@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import torch
-from comfy_api.latest import io
 
 import comfy.k_diffusion.sampling
 import comfy.model_management
@@ -19,6 +18,7 @@ from tdm_train.sampler import sample_tdm
 
 from .sigmas import grid_sigmas, starts_from_pure_noise
 from .step_condition import sampled_conditions, with_num_steps
+from .v3_api import io
 
 CATEGORY = "sampling/TDM"
 

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import torch
-from comfy_api.latest import io, ui
 
 import folder_paths
 from tdm_train.distill import TDMConfig
@@ -17,6 +16,7 @@ from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
 from .comfy_trainer import train_in_comfyui, training_family
 from .step_condition import attached, describe
+from .v3_api import io, ui
 
 CATEGORY = "training/TDM"
 NO_FILE = "(none)"

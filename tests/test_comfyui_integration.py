@@ -122,6 +122,8 @@ def test_pack_loads_and_object_info_lists_the_tdm_nodes(comfy):
     url, _, log = comfy
     text = log.read_text()
     assert "IMPORT FAILED" not in "\n".join(line for line in text.splitlines() if "ComfyUI-TDM" in line)
+    # the nodes took ComfyUI's numbered V3 API, not the in-development comfy_api.latest (nodes/v3_api.py)
+    assert "ComfyUI-TDM: V3 API from comfy_api.v0_0_2" in text and "no numbered comfy_api version" not in text
     info = _get(url + "/object_info")
     assert TDM_NODES <= set(info)
     for node in TDM_NODES:

@@ -7,6 +7,7 @@ import ast
 import asyncio
 import os
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -124,6 +125,27 @@ def test_entry_point_extension_lists_exactly_the_node_classes(pack, stubs):
     extension = asyncio.run(pack.comfy_entrypoint())
     assert isinstance(extension, stubs["comfy_api.latest"].ComfyExtension)
     assert asyncio.run(extension.get_node_list()) == _submodule(pack, "").node_classes()
+
+
+def test_nodes_import_the_numbered_v3_api_and_fall_back_to_latest_explicitly(pack, stubs, monkeypatch, caplog):
+    v3_api = _submodule(pack, "v3_api")
+    assert v3_api.SOURCE == "comfy_api.v0_0_2"  # what ComfyUI 0.3.64 provides
+    assert v3_api.io is stubs["comfy_api.latest"].io and v3_api.ComfyExtension is stubs["comfy_api.latest"].ComfyExtension
+    # a ComfyUI without the numbered version: latest, said in the log
+    monkeypatch.setitem(sys.modules, "comfy_api.v0_0_2", None)  # `import` raises ImportError
+    with caplog.at_level("WARNING"):
+        module, name = v3_api.resolve()
+    assert name == "comfy_api.latest" and module is stubs["comfy_api.latest"]
+    assert "no numbered comfy_api version" in caplog.text and "comfy_api.v0_0_2" in caplog.text
+    # a numbered version that lacks a name is passed over, naming what it lacks
+    partial = types.ModuleType("comfy_api.v0_0_3")
+    partial.io = stubs["comfy_api.latest"].io
+    monkeypatch.setitem(sys.modules, "comfy_api.v0_0_3", partial)
+    module, name = v3_api.resolve(("comfy_api.v0_0_3", "comfy_api.latest"))
+    assert name == "comfy_api.latest" and "comfy_api.v0_0_3 lacks ui, ComfyExtension" in caplog.text
+    monkeypatch.setitem(sys.modules, "comfy_api.latest", None)
+    with pytest.raises(ImportError, match="need ComfyUI's V3 API"):
+        v3_api.resolve()
 
 
 @pytest.mark.parametrize("build", [

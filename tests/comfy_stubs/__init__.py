@@ -23,6 +23,7 @@ MODULES = [
     ("comfy_api.latest._io", "comfy_api/latest/_io.py"),
     ("comfy_api.latest._ui", "comfy_api/latest/_ui.py"),
     ("comfy_api.latest", "comfy_api/latest/__init__.py"),
+    ("comfy_api.v0_0_2", "comfy_api/v0_0_2/__init__.py"),
     ("comfy", "comfy/__init__.py"),
     ("comfy.k_diffusion", "comfy/k_diffusion/__init__.py"),
     ("comfy.k_diffusion.sampling", "comfy/k_diffusion/sampling.py"),

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-
 from tdm_train.convert import RELEASES, convert, main
 from tdm_train.errors import EXIT_BAD_FILE, IncompatibleFile
 

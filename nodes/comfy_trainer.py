@@ -289,8 +289,11 @@ def train_in_comfyui(model, clip, prompts, negative_prompt, width, height, confi
     import comfy.utils
     import latent_preview
 
+    from .patchers import classic_patcher, training_mode
+
+    model = classic_patcher(model, "TDM Train LoRA")  # weight wrappers need held weights (ComfyUI 0.38)
     family = training_family(model)
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), training_mode():
         patcher = model.clone()
         patcher.set_model_compute_dtype(dtype)
         comfy.model_management.load_models_gpu([patcher], force_full_load=True)

@@ -128,6 +128,7 @@ class TDMExportEngine(io.ComfyNode):
         from export.staging import staged_export
 
         from .engine_models import comfy_family_spec, comfy_scheduler_config, exportable
+        from .patchers import classic_patcher
 
         register_engine_folder()
         folder = output_folder(name)
@@ -139,6 +140,7 @@ class TDMExportEngine(io.ComfyNode):
         widths = _range(width_min, width_opt, width_max, "width")
         shapes = ExportShapes(batch=(1, 1, batch_max), height=tuple(h // 8 for h in heights),
                               width=tuple(w // 8 for w in widths), text_len=(77, 77, context_max))
+        model = classic_patcher(model, "TDM Export Engine")  # merged weights in memory (ComfyUI 0.38: not dynamic)
         comfy.model_management.unload_all_models()
         comfy.model_management.load_models_gpu([model], force_patch_weights=True, force_full_load=True)
         spec = comfy_family_spec(model, shapes, dtype)

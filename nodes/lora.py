@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
 import folder_paths
+from tdm_train.errors import unsafe_pickle
 from tdm_train.lora.metadata import describe_unmatched, recommend
 from tdm_train.lora.step_embedding import StepConditions, without_step_condition
 
@@ -49,10 +51,13 @@ def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float)
     condition (tdm_step_embedding.k<K>) is not a weight patch: it goes on the MODEL as an
     apply_model wrapper that the TDM samplers tell K (nodes/step_condition.py)."""
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
-    try:
+    try:  # safe_load: .pt / .ckpt files (the official tdm_dreamshaper.pt) through the weights-only unpickler
         state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    except pickle.UnpicklingError as error:  # never pass on torch's advice to disable the safe loader
+        raise ValueError(f"TDM LoRA Loader: {unsafe_pickle(lora_name, error)}") from None
     except Exception as error:
         raise ValueError(f"TDM LoRA Loader: cannot read {lora_name}: {error}") from error
+    metadata = metadata or {}  # a pickled file has none
     recommendation = recommend(metadata, lora_name)
     if strength_source == "recorded":
         if recommendation is None:

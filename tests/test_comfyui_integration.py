@@ -189,6 +189,35 @@ def test_shipped_workflow_runs_end_to_end_on_a_tiny_model(comfy, name):
     assert any("2 of 11 LoRA keys matched no weight" in s and "not_a_module_of_sd15" in s for s in summaries), summaries
 
 
+def test_a_pickled_lora_loads_weights_only_and_a_code_executing_one_is_refused(comfy, tmp_path):
+    """The official Dreamshaper LoRA ships as tdm_dreamshaper.pt (torch.save of a state dict): the TDM LoRA
+    Loader reads it through the weights-only unpickler; a pickle that would run code is refused unexecuted."""
+    import os
+
+    from safetensors.torch import load_file
+
+    url, base, _ = comfy
+    loras = base / "models" / "loras"
+    torch.save(load_file(str(loras / "tiny_tdm.safetensors")), loras / "tdm_dreamshaper_tiny.pt")
+    entry = _run_prompt(url, _tiny(json.loads((ROOT / "workflows" / "api" / "sd15_dreamshaper_tdm_lora_4step.json")
+                                              .read_text()), lora="tdm_dreamshaper_tiny.pt"))
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    summaries = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+    assert any("9 of 11" not in s and "dreamshaper" in s.lower() for s in summaries), summaries
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Exploit()}, loras / "tdm_evil.pt")
+    entry = _run_prompt(url, _tiny(json.loads((ROOT / "workflows" / "api" / "sd15_dreamshaper_tdm_lora_4step.json")
+                                              .read_text()), lora="tdm_evil.pt"))
+    assert entry["status"]["status_str"] == "error"
+    message = [m for m in entry["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
+    assert "not a safe format" in message and "weights_only" not in message and "system" in message
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_lora_for_another_architecture_is_refused_with_its_keys(comfy):
     url, _, _ = comfy
     prompt = _tiny(json.loads((ROOT / "workflows" / "api" / "sd15_dreamshaper_tdm_lora_4step.json").read_text()),

@@ -388,17 +388,31 @@ class _Tripwire:
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".ckpt", ".bin"])
-def test_pickle_files_are_refused_unopened(tmp_path, suffix):
+def test_pickle_files_that_would_run_code_are_refused_unexecuted(tmp_path, suffix):
     marker = tmp_path / "unpickled"
     path = tmp_path / f"lora{suffix}"
     path.write_bytes(pickle.dumps({"x.lora_A.weight": _Tripwire(marker)}))
     model = torch.nn.Sequential(torch.nn.Linear(8, 16))
     before = _weights(model)
-    with pytest.raises(ValueError, match="safetensors only") as error:
+    with pytest.raises(ValueError, match="not a safe format") as error:
         fuse_lora(model, path)
-    assert "never unpickled" in str(error.value)
+    assert "weights_only" not in str(error.value) and "was not executed" in str(error.value)
     assert not marker.exists()
     _assert_untouched(model, before)
+
+
+def test_a_torch_saved_lora_is_read_weights_only_and_fuses_like_its_safetensors(tmp_path):
+    """The official tdm_dreamshaper.pt is a torch.save'd state dict: read by the weights-only unpickler."""
+    gen = torch.Generator().manual_seed(0)
+    state = {"0.lora_A.weight": torch.randn(2, 8, generator=gen), "0.lora_B.weight": torch.randn(16, 2, generator=gen),
+             "0.alpha": torch.tensor(4.0)}
+    torch.save(state, tmp_path / "tdm_dreamshaper.pt")
+    save_file(state, str(tmp_path / "same.safetensors"))
+    from_pickle, from_safetensors = (torch.nn.Sequential(torch.nn.Linear(8, 16)) for _ in range(2))
+    from_safetensors.load_state_dict(from_pickle.state_dict())
+    fuse_lora(from_pickle, tmp_path / "tdm_dreamshaper.pt")
+    fuse_lora(from_safetensors, tmp_path / "same.safetensors")
+    assert torch.equal(from_pickle[0].weight, from_safetensors[0].weight)
 
 
 def test_unreadable_files_are_refused(sdxl, tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import IncompatibleFile, NonFinite
+from ..errors import IncompatibleFile, NonFinite, unsafe_pickle
 from .metadata import describe_unmatched, recommend
 from .step_embedding import KEY_PREFIX as STEP_CONDITION_PREFIX
 
@@ -46,6 +46,28 @@ class FusedLora:
     metadata: dict = field(default_factory=dict)
 
 
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA state dict saved with torch.save, read by torch's weights-only unpickler: tensors and
+    plain containers only. A pickle asking for anything else is refused and never executed."""
+    import pickle
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise unsafe_pickle(path, error) from None
+    except Exception as error:  # noqa: BLE001 - not a torch file, a damaged archive
+        raise IncompatibleFile(f"{path} is not a readable torch file ({error})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise IncompatibleFile(f"{path} is not a state dict of named tensors")
+    return data
+
+
 def read_lora(path: str | Path) -> tuple[dict[str, LoraLayer], dict[str, str]]:
     """Layers keyed by the module name as written in the file (prefix kept), and the file metadata."""
     from safetensors import SafetensorError, safe_open
@@ -53,15 +75,18 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraLayer], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such LoRA file")
-    if path.suffix != ".safetensors":
-        raise IncompatibleFile(f"{path}: LoRA files are read as .safetensors only (pickle files are never unpickled); "
-                         "convert it first")
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as error:
-        raise IncompatibleFile(f"{path} is not a readable safetensors file ({error})") from None
+    if path.suffix.lower() in PICKLE_SUFFIXES:  # e.g. the official tdm_dreamshaper.pt
+        tensors, metadata = read_pickled_state_dict(path), {}
+    elif path.suffix != ".safetensors":
+        raise IncompatibleFile(f"{path}: a LoRA is a .safetensors file (or a weights-only {'/'.join(PICKLE_SUFFIXES)} "
+                               "state dict)")
+    else:
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as error:
+            raise IncompatibleFile(f"{path} is not a readable safetensors file ({error})") from None
     poisoned = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if poisoned:  # a diverged training run: fusing it would make every export of it NaN
         shown = ", ".join(poisoned[:6]) + (f" and {len(poisoned) - 6} more" if len(poisoned) > 6 else "")

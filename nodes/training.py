@@ -169,7 +169,9 @@ class TDMTrainLoRA(io.ComfyNode):
                 io.Combo.Input("tau_mode", options=["separate", "tail"], default="separate"),
                 io.String.Input("unify_steps", default="",
                                 tooltip="e.g. 1,2,4: one student for several step counts (TDM-unify); empty: off"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                # the frontend gives every "seed" a control-after-generate widget; declared, so that the
+                # workflow files hold its value ("fixed": a training run is reproducible)
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True),
                 io.Boolean.Input("gradient_checkpointing", default=False),
                 io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
                                tooltip="the frozen model's compute dtype; the LoRAs train in fp32"),

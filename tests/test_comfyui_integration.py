@@ -132,6 +132,56 @@ def test_pack_loads_and_object_info_lists_the_tdm_nodes(comfy):
         "negative" in info["TDMKSampler"]["input"]["optional"]
 
 
+def _frontend_missing() -> str | None:
+    import shutil
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return "headless Chromium is not installed (apt-get install chromium chromium-driver)"
+    probe = subprocess.run([COMFYUI_PYTHON, "-c", "import selenium"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"selenium is not installed in ComfyUI's environment ({COMFYUI_PYTHON} -m pip install selenium)"
+    return None
+
+
+def test_every_workflow_opens_in_comfyuis_own_frontend(comfy):
+    """Each file in workflows/ loaded in ComfyUI's real frontend (comfyui-frontend-package) as a drop
+    does: every node type known, every widget value kept after load and after save, a TDM widget edit
+    reaching the API prompt, and that prompt accepted by ComfyUI's validation for every TDM node."""
+    missing = _frontend_missing()
+    if missing:
+        pytest.skip(missing)
+    url, _, _ = comfy
+    files = sorted(str(p) for p in (ROOT / "workflows").glob("*.json"))
+    done = subprocess.run([COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "check_frontend.py"), url,
+                           json.dumps(files)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    problems = {}
+    for path in files:
+        result, workflow = results[path], json.loads(Path(path).read_text())
+        name = Path(path).name
+        if "error" in result:
+            problems[name] = result["error"][:500]
+            continue
+        wrong = [f"{n['type']} {n['id']}: file {n.get('widgets_values')} saved {result['saved'][str(n['id'])]}"
+                 for n in workflow["nodes"] if (n.get("widgets_values") or []) != result["saved"][str(n["id"])]]
+        if result["missing"] or wrong:
+            problems[name] = {"missing node types": result["missing"], "widgets changed": wrong}
+        if result["edit"] is not None and result["edit"]["in_prompt"] != result["edit"]["set"]:
+            problems.setdefault(name, {})["edit lost"] = result["edit"]
+        status, answer = _post(url + "/prompt", {"prompt": result["prompt"], "client_id": "frontend-check",
+                                                 "front": False, "number": -1})
+        if status != 200:
+            tdm_errors = {k: v for k, v in (answer.get("node_errors") or {}).items()
+                          if v.get("class_type", "").startswith("TDM")}
+            if tdm_errors or not answer.get("node_errors"):
+                problems.setdefault(name, {})["validation"] = tdm_errors or answer.get("error")
+        else:  # accepted: nothing is meant to run here
+            _post(url + "/queue", {"delete": [answer["prompt_id"]]})
+    print(json.dumps({k: "ok" for k in map(lambda p: Path(p).name, files) if k not in problems}))
+    assert not problems, json.dumps(problems, indent=1)[:6000]
+
+
 def test_workflow_widgets_match_the_servers_node_definitions(comfy):
     """Every UI workflow's widgets_values line up with /object_info's input order (a seed adds its
     control value), so the files load into this ComfyUI with the values we wrote."""

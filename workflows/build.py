@@ -68,6 +68,7 @@ CATALOG: dict[str, dict] = {
                     "generator_learning_rate", "fake_learning_rate", "lora_rank", "lora_alpha", "grid", "num_steps",
                     "custom_timesteps", "training_cfg", "loss", "tau_mode", "unify_steps", "seed",
                     "gradient_checkpointing", "training_dtype", "lora_name", "resume", "checkpoint_every"],
+        "control": {"seed"},
         "outputs": [("model", "MODEL"), ("lora", "LORA_MODEL"), ("loss_curve", "IMAGE"), ("lora_path", "STRING")],
     },
     "PreviewImage": {"inputs": [("images", "IMAGE")], "widgets": [], "outputs": []},

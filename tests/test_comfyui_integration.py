@@ -150,10 +150,13 @@ def test_every_workflow_opens_in_comfyuis_own_frontend(comfy):
     missing = _frontend_missing()
     if missing:
         pytest.skip(missing)
-    url, _, _ = comfy
+    url, base, _ = comfy
     files = sorted(str(p) for p in (ROOT / "workflows").glob("*.json"))
+    # the thumbnails are these screenshots: TDM_UPDATE_THUMBNAILS=1 writes them into workflows/
+    shots = ROOT / "workflows" if os.environ.get("TDM_UPDATE_THUMBNAILS") else base / "screenshots"
+    shots.mkdir(exist_ok=True)
     done = subprocess.run([COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "check_frontend.py"), url,
-                           json.dumps(files)], capture_output=True, text=True, timeout=600)
+                           json.dumps(files), str(shots)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     problems = {}
@@ -179,6 +182,11 @@ def test_every_workflow_opens_in_comfyuis_own_frontend(comfy):
         else:  # accepted: nothing is meant to run here
             _post(url + "/queue", {"delete": [answer["prompt_id"]]})
     print(json.dumps({k: "ok" for k in map(lambda p: Path(p).name, files) if k not in problems}))
+    from PIL import Image, ImageStat
+
+    for path in files:
+        with Image.open(shots / (Path(path).stem + ".jpg")) as shot:
+            assert shot.size[0] >= 800 and max(ImageStat.Stat(shot).stddev) > 10, path  # a drawn graph, not blank
     assert not problems, json.dumps(problems, indent=1)[:6000]
 
 

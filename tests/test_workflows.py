@@ -71,8 +71,15 @@ def test_models_are_named_with_urls_and_used(path):
 def test_thumbnail_and_api_twin(path):
     from PIL import Image
 
+    import hashlib
+
+    # a screenshot of this very file in ComfyUI's frontend (tests/comfyui/check_frontend.py): its comment
+    # names the workflow it shows; TDM_UPDATE_THUMBNAILS=1 on the frontend test redoes a stale one
     with Image.open(path.with_suffix(".jpg")) as thumb:
-        assert thumb.format == "JPEG" and thumb.size[0] >= 400
+        assert thumb.format == "JPEG" and thumb.size[0] >= 800
+        shown = thumb.info.get("comment", b"").decode()
+    assert shown == f"workflow sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}", \
+        f"{path.with_suffix('.jpg').name} shows another version of {path.name}: rerun the frontend test with TDM_UPDATE_THUMBNAILS=1"
     ui = json.loads(path.read_text())
     api = json.loads((path.parent / "api" / path.name).read_text())
     real = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY}

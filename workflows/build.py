@@ -1,8 +1,11 @@
 """Builds the shipped workflows from one description each: the UI-format (0.4) file that users
-drop into ComfyUI, its API-format twin for POST /prompt (workflows/api/), and a .jpg thumbnail
-that draws the graph. Run after changing a node's inputs:
+drop into ComfyUI and its API-format twin for POST /prompt (workflows/api/). Run after changing a
+node's inputs:
 
     .venv/bin/python workflows/build.py
+
+then renew the .jpg thumbnails, screenshots of each file in ComfyUI's own frontend (a test says
+when one is stale): the frontend integration test with TDM_UPDATE_THUMBNAILS=1 (README, Tests).
 
 The files are committed; tests check that they are current, well-formed, and (with ComfyUI)
 that every widget matches the running server's node definitions.
@@ -416,36 +419,6 @@ def api_format(workflow: Workflow) -> dict:
     return prompt
 
 
-def thumbnail(workflow: Workflow, path: Path) -> None:
-    """A picture of the graph: node boxes with their type and key settings, links between them."""
-    from PIL import Image, ImageDraw
-
-    scale = 0.5
-    width = int(max(n.pos[0] for n in workflow.nodes) * scale) + 260
-    height = int(max(n.pos[1] for n in workflow.nodes) * scale) + 140
-    image = Image.new("RGB", (width, height), (32, 33, 36))
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 6), workflow.title, fill=(240, 240, 240))
-    box = {}
-    for node in workflow.nodes:
-        x, y = int(node.pos[0] * scale) + 10, int(node.pos[1] * scale) + 24
-        box[node.id] = (x, y, x + 180, y + 70)
-    for node in workflow.nodes:
-        for source, _ in node.links.values():
-            sx0, sy0, sx1, sy1 = box[source]
-            tx0, ty0, _, ty1 = box[node.id]
-            draw.line([sx1, (sy0 + sy1) // 2, tx0, (ty0 + ty1) // 2], fill=(120, 160, 220), width=2)
-    for node in workflow.nodes:
-        x0, y0, x1, y1 = box[node.id]
-        tdm = node.type.startswith("TDM")
-        draw.rectangle(box[node.id], fill=(70, 45, 90) if tdm else (53, 53, 58), outline=(200, 200, 200))
-        draw.text((x0 + 6, y0 + 4), node.title or node.type, fill=(255, 220, 120) if tdm else (230, 230, 230))
-        detail = ", ".join(f"{k}={v}" for k, v in node.widgets.items() if k not in ("text",))[:90]
-        for i in range(0, min(len(detail), 90), 30):
-            draw.text((x0 + 6, y0 + 20 + i // 30 * 14), detail[i:i + 30], fill=(190, 190, 190))
-    image.save(path, "JPEG", quality=88)
-
-
 def build(out_dir: Path = WORKFLOWS) -> list[Path]:
     written = []
     (out_dir / "api").mkdir(parents=True, exist_ok=True)
@@ -454,8 +427,7 @@ def build(out_dir: Path = WORKFLOWS) -> list[Path]:
         api_path = out_dir / "api" / f"{workflow.name}.json"
         ui_path.write_text(json.dumps(ui_format(workflow), indent=2) + "\n")
         api_path.write_text(json.dumps(api_format(workflow), indent=2) + "\n")
-        thumbnail(workflow, out_dir / f"{workflow.name}.jpg")
-        written += [ui_path, api_path, out_dir / f"{workflow.name}.jpg"]
+        written += [ui_path, api_path]  # the .jpg thumbnails are screenshots of the real frontend (README)
     return written
 
 

@@ -23,8 +23,10 @@ TEXT_COMPONENTS = {"sdxl": ("text_encoder", "text_encoder_2", "tokenizer", "toke
 LATENT_FACTOR = 8  # the VAE of every supported backbone downsamples by 8 (the backends assume it)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")
-# what a run leaves in its output folder (besides checkpoint-<step>): removed with --overwrite_output_dir
-RUN_FILES = ("pytorch_lora_weights.safetensors", "tdm_lora_comfyui.safetensors", "README.md", "train_history.json")
+# what a run leaves in its output folder (besides checkpoint-<step>): removed with --overwrite_output_dir;
+# the final LoRA files (or a checkpoint) are what make a folder "hold a run"
+FINAL_LORA_FILES = ("pytorch_lora_weights.safetensors", "tdm_lora_comfyui.safetensors")  # lora/export.py's names
+RUN_FILES = (*FINAL_LORA_FILES, "README.md", "train_history.json")
 RUN_FOLDERS = ("validation", "cache", "logs", "tdm")
 
 
@@ -210,7 +212,7 @@ def holds_run(output_dir: Path) -> list[str]:
     if not output_dir.is_dir():
         return []
     return sorted(p.name for p in output_dir.iterdir()
-                  if CHECKPOINT_PATTERN.match(p.name) or p.name in RUN_FILES[:2])
+                  if CHECKPOINT_PATTERN.match(p.name) or p.name in FINAL_LORA_FILES)
 
 
 def check_output(output_dir: Path, resume: str | None, overwrite: bool) -> list[str]:

@@ -4,6 +4,7 @@ model is loaded; then prompts are encoded once, the trainer runs, validation ima
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
     output_dir = Path(config.output_dir)
     preflight.check_output(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     if args.resume_from_checkpoint:
-        _check_resume(output_dir, args.resume_from_checkpoint, backbone, denoiser_config, config)
+        resolved = _check_resume(output_dir, args.resume_from_checkpoint, backbone, denoiser_config, config)
+        if resolved is not None:  # the trainer resumes exactly this one (and does not warn about skips again)
+            config = dataclasses.replace(config, resume_from_checkpoint=str(resolved))
     logger.info("TDM %s: %d prompts, grid %s, teacher guidance %g (%s)", backbone, len(prompts), grid,
                 tdm.guidance_scale, resolve_guidance(args.real_guidance_scale, backbone)[1])
     return backbone, prompts, config
@@ -100,13 +103,15 @@ def _check_targets(folder: Path, backbone: str, denoiser_config: dict, targets: 
                        f"{class_name} in {folder} (its attention layers end in e.g. {', '.join(examples)})")
 
 
-def _check_resume(output_dir: Path, resume: str, backbone: str, denoiser_config: dict, config: TrainConfig) -> None:
-    """The checkpoint to resume exists, is complete, and is of this model, backbone and LoRA."""
+def _check_resume(output_dir: Path, resume: str, backbone: str, denoiser_config: dict,
+                  config: TrainConfig) -> Path | None:
+    """The checkpoint to resume (None: latest, and none yet): it exists, is complete, and is of this
+    model, backbone and LoRA."""
     import json
 
     path = ckpt.resolve_resume(output_dir, resume, warn=logger.warning)
     if path is None:
-        return  # latest, and no checkpoint yet: a fresh start (the trainer says so)
+        return None  # latest, and no checkpoint yet: a fresh start (the trainer says so)
     state = json.loads((path / "trainer_state.json").read_text())
     expected = {"backbone": backbone, "model_config": {k: v for k, v in denoiser_config.items()},
                 "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
@@ -125,6 +130,7 @@ def _check_resume(output_dir: Path, resume: str, backbone: str, denoiser_config:
     if differs:
         raise IncompatibleFile(f"{path} is from another run: {'; '.join(differs)}. Resume with the settings it was "
                                "trained with, or start a fresh run (another --output_dir, or --overwrite_output_dir)")
+    return path
 
 
 def train_from_args(args: argparse.Namespace) -> dict:

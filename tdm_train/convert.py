@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import atomic
-from .errors import BadInput, IncompatibleFile, run_cli, unsafe_pickle
+from .errors import BadInput, IncompatibleFile, read_json_object, run_cli, unsafe_pickle
 from .lora.export import COMFYUI_FILE, DIFFUSERS_FILE, diffusers_state_dict, transformer_alpha_state_dict
 from .lora.metadata import SETTINGS_KEY, STRENGTH_KEY
 
@@ -117,10 +117,7 @@ def convert(checkpoint: str | Path, base: str | Path, out_dir: str | Path, relea
     if not config_path.is_file():
         raise BadInput(f"--base {base}: no config.json (a pipeline folder with transformer/config.json, a "
                        "transformer folder, or the config file)")
-    try:
-        base_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IncompatibleFile(f"{config_path} is not valid JSON ({error})") from None
+    base_config = read_json_object(config_path, "the base model's config")
     atomic.check_writable_folder(out_dir, "--out")
     values = read_parameter_list(checkpoint, release.list_key)
     expected = lora_parameter_names(base_config, release.rank, release.alpha, release.targets)

@@ -80,6 +80,22 @@ def unsafe_pickle(path, error: Exception) -> IncompatibleFile:
         "the safe loader); it was not executed. Get a .safetensors file, or re-create the file with this tool.")
 
 
+def read_json_object(path, what: str) -> dict:
+    """A JSON object from one of the user's files (configs, indexes); anything else is an
+    IncompatibleFile naming the file and ``what`` it is."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise IncompatibleFile(f"{path} is not valid JSON ({error}): {what}") from None
+    except UnicodeDecodeError:
+        raise IncompatibleFile(f"{path} is not a text file: {what}") from None
+    if not isinstance(data, dict):
+        raise IncompatibleFile(f"{path}: expected a JSON object ({what})")
+    return data
+
+
 def _is_safetensors_error(error: BaseException) -> bool:
     return type(error).__name__ == "SafetensorError" or "safetensors" in type(error).__module__
 

@@ -7,13 +7,13 @@ value, and what is accepted."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 from pathlib import Path
 
 from .. import atomic
 from ..errors import BadInput, IncompatibleFile, OutputRefused
+from ..errors import read_json_object as read_json
 
 # the denoiser of each backbone: its folder and diffusers class; the components training reads
 DENOISERS = {"sdxl": ("unet", "UNet2DConditionModel"), "pixart": ("transformer", "PixArtTransformer2DModel"),
@@ -102,18 +102,6 @@ def check_values(args: argparse.Namespace, training: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- the teacher folder
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise IncompatibleFile(f"{path} is not valid JSON ({error}): {what}") from None
-    except UnicodeDecodeError:
-        raise IncompatibleFile(f"{path} is not a text file: {what}") from None
-    if not isinstance(data, dict):
-        raise IncompatibleFile(f"{path}: expected a JSON object ({what})")
-    return data
-
-
 def check_weights(folder: Path) -> None:
     """Every .safetensors file of a component opens (the header is read and its offsets checked
     against the file's size: a truncated or random-byte file fails here, naming itself)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import atomic
-from ..errors import IncompatibleFile
+from ..errors import read_json_object
 from ..backends import CogVideoXBackend, PixArtBackend, SDXLBackend
 from ..backends.base import Backend, Condition
 
@@ -29,11 +29,7 @@ def pipeline_class_name(folder: Path, hint: str) -> str:
     index = folder / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json: {hint}")
-    try:
-        data = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IncompatibleFile(f"{index} is not valid JSON ({error}): the pipeline's index") from None
-    return data.get("_class_name", "") if isinstance(data, dict) else ""
+    return read_json_object(index, "the pipeline's index").get("_class_name", "")
 
 
 def detect_backbone(folder: str | Path) -> str:

@@ -14,11 +14,13 @@ from tdm_train.errors import unsafe_pickle
 from tdm_train.lora.metadata import describe_unmatched, recommend
 from tdm_train.lora.step_embedding import StepConditions, without_step_condition
 
+from .positional_lora import convert_for_model, read_positional_list
 from .sampling import CATEGORY
 from .step_condition import attach, describe
 from .v3_api import io, ui
 
 NOT_LOADED_PREFIX = "lora key not loaded: "
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 
 
 class _CollectNotLoaded(logging.Handler):
@@ -45,18 +47,35 @@ def _collect_not_loaded():
         root.removeHandler(handler)
 
 
+def _read_lora(model, lora_name: str) -> tuple[dict, dict | None, str | None]:
+    """(state dict, metadata, how it was converted or None). Pickled files (.pt / .ckpt: the official
+    tdm_dreamshaper.pt, tdm_sd3-5_lora.ckpt) go through the weights-only unpickler only; a
+    positional ``ema_parameters`` list is converted for ``model`` (nodes/positional_lora.py)."""
+    path = folder_paths.get_full_path_or_raise("loras", lora_name)
+    try:
+        values = None if path.lower().endswith(SAFETENSORS_SUFFIXES) else read_positional_list(path)
+        if values is None:
+            state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+            return state_dict, metadata, None
+    except pickle.UnpicklingError as error:  # never pass on torch's advice to disable the safe loader
+        raise ValueError(f"TDM LoRA Loader: {unsafe_pickle(lora_name, error)}") from None
+    except Exception as error:
+        raise ValueError(f"TDM LoRA Loader: cannot read {lora_name}: {error}") from error
+    try:
+        state_dict, metadata = convert_for_model(model, values, lora_name)
+    except ValueError as error:
+        raise ValueError(f"TDM LoRA Loader: {error}") from None
+    return state_dict, metadata, (f"converted on load from its positional list ({len(values)} tensors: "
+                                  f"{metadata['tdm.release']}, rank {metadata['ss_network_dim']}, "
+                                  f"alpha {metadata['ss_network_alpha']})")
+
+
 def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float):
     """Returns (patched model clone, summary). Refuses a LoRA none of whose keys fit the model,
     naming the keys; warns (and reports) when only some of them fit. A TDM-unify LoRA's step
     condition (tdm_step_embedding.k<K>) is not a weight patch: it goes on the MODEL as an
     apply_model wrapper that the TDM samplers tell K (nodes/step_condition.py)."""
-    path = folder_paths.get_full_path_or_raise("loras", lora_name)
-    try:  # safe_load: .pt / .ckpt files (the official tdm_dreamshaper.pt) through the weights-only unpickler
-        state_dict, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
-    except pickle.UnpicklingError as error:  # never pass on torch's advice to disable the safe loader
-        raise ValueError(f"TDM LoRA Loader: {unsafe_pickle(lora_name, error)}") from None
-    except Exception as error:
-        raise ValueError(f"TDM LoRA Loader: cannot read {lora_name}: {error}") from error
+    state_dict, metadata, conversion = _read_lora(model, lora_name)
     metadata = metadata or {}  # a pickled file has none
     recommendation = recommend(metadata, lora_name)
     if strength_source == "recorded":
@@ -81,6 +100,8 @@ def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float)
     patched = model.clone()
     patched.add_patches(patches, applied)
     lines = [f"{lora_name}: strength {applied:g} ({source}); {len(patches)} weights patched"]
+    if conversion:
+        lines.append(conversion)
     if conditions is not None:
         lines.append(describe(attach(patched, conditions, lora_name)))
     if unmatched:
@@ -103,7 +124,8 @@ class TDMLoraLoader(io.ComfyNode):
                         "metadata, or the official release's, e.g. 0.125 for the TDM SD3 LoRA) unless set "
                         "manually, and reports LoRA keys that did not load. A TDM-unify LoRA (one student for "
                         "several step counts) also carries its step condition, which the TDM Sampler and TDM "
-                        "KSampler set to the number of steps they sample.",
+                        "KSampler set to the number of steps they sample. The official TDM SD3.5-Medium .ckpt (a "
+                        "positional parameter list) is converted on load for the SD3 / SD3.5 model it is applied to.",
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras")),

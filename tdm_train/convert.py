@@ -82,12 +82,21 @@ def read_parameter_list(path: Path, key: str) -> list[torch.Tensor]:
     except Exception as error:  # noqa: BLE001 - a damaged zip archive, not a torch file
         raise IncompatibleFile(f"{path} is not a readable torch checkpoint ({error})") from None
     if not isinstance(data, dict) or key not in data:
-        found = sorted(data)[:8] if isinstance(data, dict) else type(data).__name__
+        found = sorted(map(str, data))[:8] if isinstance(data, dict) else type(data).__name__
         raise IncompatibleFile(f"{path} holds no {key!r} list (found {found})")
-    values = data[key]
-    if not isinstance(values, (list, tuple)) or not all(isinstance(v, torch.Tensor) for v in values):
+    values = parameter_list(data, key)
+    if values is None:
         raise IncompatibleFile(f"{path}: {key!r} is not a list of tensors")
-    return list(values)
+    return values
+
+
+def parameter_list(data, key: str = "ema_parameters") -> list[torch.Tensor] | None:
+    """The positional parameter list of an unpickled release checkpoint (``{key: [tensor, ...]}``),
+    or None when ``data`` holds none (a normal LoRA state dict)."""
+    values = data.get(key) if isinstance(data, dict) else None
+    if isinstance(values, (list, tuple)) and values and all(isinstance(v, torch.Tensor) for v in values):
+        return list(values)
+    return None
 
 
 def lora_parameter_names(base_config: dict, rank: int, alpha: float, targets) -> list[tuple[str, tuple]]:
@@ -107,6 +116,44 @@ def lora_parameter_names(base_config: dict, rank: int, alpha: float, targets) ->
     return [(name.replace(".default", ""), tuple(p.shape)) for name, p in model.named_parameters() if "lora_" in name]
 
 
+def lora_from_list(values: list[torch.Tensor], base_config: dict, release: Release,
+                   source: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The release's positional list as a named peft LoRA state (``<module>.lora_A.weight``, fp32)
+    plus the ``tdm.*`` / kohya metadata of its files. ``base_config`` is the base's diffusers
+    config (``_class_name`` included); ``source`` names the list in errors and metadata."""
+    expected = lora_parameter_names(base_config, release.rank, release.alpha, release.targets)
+    if len(values) != len(expected):
+        raise IncompatibleFile(
+            f"{source}: {len(values)} tensors in {release.list_key!r}, but a rank-{release.rank} LoRA on "
+            f"{', '.join(release.targets)} of this {base_config.get('_class_name')} has "
+            f"{len(expected)} trainable parameters: another base model or LoraConfig")
+    wrong = [(name, shape, tuple(v.shape)) for (name, shape), v in zip(expected, values) if tuple(v.shape) != shape]
+    if wrong:
+        name, want, got = wrong[0]
+        raise IncompatibleFile(f"{source}: {len(wrong)} of {len(values)} tensors do not fit their position, the "
+                               f"first {name}: {got} in the file, {want} expected")
+    bad = [name for (name, _), v in zip(expected, values) if not torch.isfinite(v).all()]
+    if bad:
+        raise IncompatibleFile(f"{source}: NaN or inf in {bad[:4]}")
+    state = {name: v.detach().float().contiguous() for (name, _), v in zip(expected, values)}
+    meta = {"format": "pt", "modelspec.title": release.title, "tdm.release": release.title,
+            "tdm.converted_from": Path(source).name, STRENGTH_KEY: f"{release.strength:g}",
+            "tdm.recommended_cfg": f"{(release.sampling or {}).get('cfg', 1.0):g}",
+            "ss_network_dim": str(release.rank), "ss_network_alpha": f"{release.alpha:g}"}
+    if release.sampling:
+        meta[SETTINGS_KEY] = json.dumps(release.sampling)
+        if "timesteps" in release.sampling:
+            meta["tdm.timesteps"] = json.dumps(release.sampling["timesteps"])
+            meta["tdm.num_steps"] = str(len(release.sampling["timesteps"]))
+    return state, meta
+
+
+def comfyui_state_dict(state: dict[str, torch.Tensor], release: Release) -> dict[str, torch.Tensor]:
+    """The ComfyUI file's tensors: diffusers names under ``transformer.`` plus each module's true
+    ``.alpha`` (ComfyUI's transformer key maps take these names)."""
+    return transformer_alpha_state_dict(state, release.alpha, "transformer")
+
+
 def convert(checkpoint: str | Path, base: str | Path, out_dir: str | Path, release: Release) -> tuple[Path, Path]:
     """Writes the two LoRA files of ``release``'s checkpoint into ``out_dir``."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -120,30 +167,8 @@ def convert(checkpoint: str | Path, base: str | Path, out_dir: str | Path, relea
     base_config = read_json_object(config_path, "the base model's config")
     atomic.check_writable_folder(out_dir, "--out")
     values = read_parameter_list(checkpoint, release.list_key)
-    expected = lora_parameter_names(base_config, release.rank, release.alpha, release.targets)
-    if len(values) != len(expected):
-        raise IncompatibleFile(
-            f"{checkpoint}: {len(values)} tensors in {release.list_key!r}, but a rank-{release.rank} LoRA on "
-            f"{', '.join(release.targets)} of this {base_config.get('_class_name')} ({config_path}) has "
-            f"{len(expected)} trainable parameters: another base model or LoraConfig")
-    wrong = [(name, shape, tuple(v.shape)) for (name, shape), v in zip(expected, values) if tuple(v.shape) != shape]
-    if wrong:
-        name, want, got = wrong[0]
-        raise IncompatibleFile(f"{checkpoint}: {len(wrong)} of {len(values)} tensors do not fit their position, the "
-                               f"first {name}: {got} in the file, {want} expected")
-    bad = [name for (name, _), v in zip(expected, values) if not torch.isfinite(v).all()]
-    if bad:
-        raise IncompatibleFile(f"{checkpoint}: NaN or inf in {bad[:4]}")
-    state = {name: v.detach().float().contiguous() for (name, _), v in zip(expected, values)}
-    meta = {"format": "pt", "modelspec.title": release.title, "tdm.release": release.title,
-            "tdm.converted_from": checkpoint.name, STRENGTH_KEY: f"{release.strength:g}",
-            "tdm.recommended_cfg": f"{(release.sampling or {}).get('cfg', 1.0):g}",
-            "ss_network_dim": str(release.rank), "ss_network_alpha": f"{release.alpha:g}"}
-    if release.sampling:
-        meta[SETTINGS_KEY] = json.dumps(release.sampling)
-        if "timesteps" in release.sampling:
-            meta["tdm.timesteps"] = json.dumps(release.sampling["timesteps"])
-            meta["tdm.num_steps"] = str(len(release.sampling["timesteps"]))
+    state, meta = lora_from_list(values, base_config, release, f"{checkpoint} (base {config_path})")
+    meta["tdm.converted_from"] = checkpoint.name
     adapter = {"r": release.rank, "lora_alpha": release.alpha, "target_modules": sorted(release.targets),
                "lora_dropout": 0.0, "bias": "none", "use_dora": False, "use_rslora": False}
     diffusers_meta = {**meta, "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in adapter.items()},
@@ -151,7 +176,7 @@ def convert(checkpoint: str | Path, base: str | Path, out_dir: str | Path, relea
     out_dir.mkdir(parents=True, exist_ok=True)
     diffusers_path, comfy_path = out_dir / DIFFUSERS_FILE, out_dir / COMFYUI_FILE
     atomic.save_safetensors(diffusers_state_dict(state, "transformer"), diffusers_path, diffusers_meta)
-    atomic.save_safetensors(transformer_alpha_state_dict(state, release.alpha, "transformer"), comfy_path, meta)
+    atomic.save_safetensors(comfyui_state_dict(state, release), comfy_path, meta)
     return diffusers_path, comfy_path
 
 

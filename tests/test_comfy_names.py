@@ -25,6 +25,7 @@ COMFY_NAMES = sorted([
     "comfy.model_base.ModelType.EPS",
     "comfy.model_base.ModelType.V_PREDICTION",
     "comfy.model_base.PixArt",
+    "comfy.model_base.SD3",
     "comfy.model_base.SDXL",
     "comfy.model_management.InterruptProcessingException",
     "comfy.model_management.get_torch_device",

@@ -29,9 +29,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
     tdm = tdm_config(args)
     cfg = GMMDemoConfig(seed=args.seed, iterations=args.iterations or 500, prefit_iterations=args.prefit_iterations,
-                        batch_size=args.batch_size or 512, eval_samples=args.eval_samples or 4000, tdm=tdm)
-    print(f"TDM demo: 2-D mixture of {cfg.num_modes} Gaussians, exact teacher, grid {tdm.grid()}", flush=True)
-    run_gmm_demo(cfg, output_dir=args.output_dir or "outputs/gmm_demo")
+                        batch_size=args.batch_size or 512, eval_samples=args.eval_samples or 4000, tdm=tdm,
+                        schedule=args.schedule, flow_shift=args.flow_shift)
+    schedule = f"rectified flow, shift {cfg.flow_shift:g}" if cfg.schedule == "flow" else "DDPM (SDXL betas)"
+    print(f"TDM demo: 2-D mixture of {cfg.num_modes} Gaussians, exact teacher, {schedule}, grid {tdm.grid()}",
+          flush=True)
+    default_out = "outputs/gmm_flow_demo" if cfg.schedule == "flow" else "outputs/gmm_demo"
+    run_gmm_demo(cfg, output_dir=args.output_dir or default_out)
     return 0
 
 

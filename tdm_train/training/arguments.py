@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where results go (defaults: outputs/digits, outputs/gmm_demo, outputs/tdm)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--num_steps", "--num-steps", type=int, default=4, help="student steps K (default 4)")
-    common.add_argument("--total_steps", "--total-steps", type=int, default=900,
-                        help="span T_s of the uniform grid t_k = k*T_s//K - 1 (default 900: 899/674/449/224)")
+    common.add_argument("--total_steps", "--total-steps", type=int, default=None,
+                        help="span T_s of the uniform grid t_k = k*T_s//K - 1 (default 900: 899/674/449/224; "
+                             "1000 for the flow toy: 999/749/499/249)")
     common.add_argument("--tau_mode", "--tau-mode", choices=("separate", "tail"), default="separate",
                         help="separate: tau in the step's own interval (default); tail: up to T_s")
     common.add_argument("--mid_point", "--mid-point", choices=("grid", "demo"), default="grid",
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-samples", "--eval_samples", dest="eval_samples", type=int, default=None,
                       help="samples scored per row (digits default 2000, gmm 4000)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument("--schedule", choices=("ddpm", "flow"), default="ddpm",
+                      help="gmm: the noise schedule, ddpm (SDXL's betas, default) or flow (rectified flow, SD3's "
+                           "shifted sigmas; the grid then spans T_s = 1000 from pure noise unless --total_steps is given)")
+    demo.add_argument("--flow_shift", "--flow-shift", type=float, default=3.0,
+                      help="gmm --schedule flow: the time shift (default 3.0, SD3 / SD3.5)")
 
     train = parser.add_argument_group("training a real teacher")
     train.add_argument("--config", default=None, help="TOML, YAML or JSON file of flag names -> values; flags override it")
@@ -215,6 +221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if dest not in given:
                 setattr(args, dest, _config_value(actions[dest], str(key), value, args.config))
                 args._from_config[dest] = args.config
+    if args.total_steps is None:  # a flow grid starts at pure noise (sigma = 1 at index 999)
+        flow_toy = not args.pretrained_teacher_model and args.demo == "gmm" and args.schedule == "flow"
+        args.total_steps = 1000 if flow_toy else 900
     return args
 
 

@@ -56,6 +56,7 @@ def value_problems(args: argparse.Namespace, training: bool) -> list[str]:
     need("batch_size", positive_int, "an integer >= 1")
     need("eval_samples", lambda v: isinstance(v, int) and v >= 2, "an integer >= 2")
     need("prefit_iterations", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
+    need("flow_shift", positive, "a number > 0 (SD3's time shift; 1 = none)")
     if not training:
         return problems
     for dest in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",

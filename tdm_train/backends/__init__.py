@@ -5,6 +5,7 @@ from .base import Backend, RoleFunction
 from .cogvideox import CogVideoXBackend
 from .digits import DigitsBackend
 from .pixart import PixArtBackend
+from .sd3 import SD3Backend
 from .sdxl import SDXLBackend
 
-__all__ = ["Backend", "CogVideoXBackend", "DigitsBackend", "PixArtBackend", "RoleFunction", "SDXLBackend"]
+__all__ = ["Backend", "CogVideoXBackend", "DigitsBackend", "PixArtBackend", "RoleFunction", "SD3Backend", "SDXLBackend"]

@@ -36,6 +36,7 @@ ARCHITECTURES = {
     "sdxl": ("unet", "stable-diffusion-xl-v1-base/lora", "sdxl_base_v1-0"),
     "pixart": ("transformer", "pixart-alpha/lora", "pixart_alpha"),
     "cogvideox": ("transformer", "cogvideox-2b/lora", "cogvideox_2b"),
+    "sd3": ("transformer", "stable-diffusion-v3-medium/lora", "sd3"),
     "digits": ("unet", "tdm-digits-unet/lora", "tdm_digits"),
     "sd15": ("unet", "stable-diffusion-v1/lora", "sd_v1"),
 }
@@ -148,7 +149,7 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
     comfy_meta = meta
     if backend_name == "sdxl":
         comfy = kohya_state_dict(state, alpha)
-    elif backend_name == "pixart":
+    elif backend_name in ("pixart", "sd3"):  # ComfyUI's PixArt and SD3 key maps take transformer.<module> names
         comfy = transformer_alpha_state_dict(state, alpha, component)
     else:  # no ComfyUI core model: the diffusers file again, its adapter metadata (alpha, rank) included
         comfy, comfy_meta = diffusers_state_dict(state, component), diffusers_meta

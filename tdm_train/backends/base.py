@@ -43,6 +43,17 @@ class Backend:
         return next(self.model.parameters()).dtype
 
 
+class EncodedNegativeBackend(Backend):
+    """A backbone whose unconditional input is an encoded empty prompt (T5("") for PixArt and
+    CogVideoX, SD3's three encoders for ""), kept once as ``negative`` ([1, ...] per key)."""
+
+    negative: Condition
+
+    def unconditional(self, cond: Condition) -> Condition:
+        batch = cond["prompt_embeds"].shape[0]
+        return {k: v.expand(batch, *v.shape[1:]).to(cond[k].device) for k, v in self.negative.items()}
+
+
 class RoleFunction:
     """``f(x_t, t, cond) -> x0`` of one role over the shared base: each call runs as that role and
     restores the previous one (see roles.py), so calls can nest inside another role's step."""

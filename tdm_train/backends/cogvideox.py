@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from ..schedule import NoiseSchedule
-from .base import Backend, Condition
+from .base import Condition, EncodedNegativeBackend
 
 COGVIDEOX_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class CogVideoXBackend(Backend):
+class CogVideoXBackend(EncodedNegativeBackend):
     """Conditions: ``prompt_embeds`` [B, 226, 4096] (T5, no mask). The unconditional input is
     T5("") given once as ``negative``. x0 comes from v exactly (x0 = alpha x_t - sigma v), which
     stays finite at t = 999 where alpha = 0."""
@@ -47,7 +47,3 @@ class CogVideoXBackend(Backend):
             return_dict=False,
         )[0]
         return self.schedule.x0_from_output(v, x_t, t)
-
-    def unconditional(self, cond: Condition) -> Condition:
-        batch = cond["prompt_embeds"].shape[0]
-        return {k: v.expand(batch, *v.shape[1:]).to(cond[k].device) for k, v in self.negative.items()}

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 
 from ..schedule import NoiseSchedule
-from .base import Backend, Condition
+from .base import Condition, EncodedNegativeBackend
 
 PIXART_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class PixArtBackend(Backend):
+class PixArtBackend(EncodedNegativeBackend):
     """Conditions: ``prompt_embeds`` [B, 120, 4096] (T5) and ``prompt_attention_mask`` [B, 120].
     The unconditional input is T5("") with its mask (not zeros), given once as ``negative``.
     1024 models (sample_size 128) also take resolution / aspect-ratio micro-conditions."""
@@ -52,7 +52,3 @@ class PixArtBackend(Backend):
         if self.learned_sigma:
             out = out.chunk(2, dim=1)[0]
         return self.schedule.x0_from_output(out, x_t, t)
-
-    def unconditional(self, cond: Condition) -> Condition:
-        batch = cond["prompt_embeds"].shape[0]
-        return {k: v.expand(batch, *v.shape[1:]).to(cond[k].device) for k, v in self.negative.items()}

@@ -13,14 +13,14 @@ from __future__ import annotations
 import torch
 
 from ..schedule import NoiseSchedule
-from .base import Backend, Condition
+from .base import Condition, EncodedNegativeBackend
 
 # every attention projection of the joint blocks, image and context stream (the official TDM
 # SD3.5-Medium release's LoraConfig); on SD3.5 the dual-attention layers' attn2 has to_q/k/v/out too
 SD3_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-class SD3Backend(Backend):
+class SD3Backend(EncodedNegativeBackend):
     """Conditions: ``prompt_embeds`` [B, L, 4096] (CLIP-L and CLIP-G penultimate states, padded to
     T5's width, then T5's states along the sequence) and ``pooled_prompt_embeds`` [B, 2048]
     (both CLIPs' pooled outputs). The unconditional input is the encoded empty prompt, given once
@@ -55,7 +55,3 @@ class SD3Backend(Backend):
             return_dict=False,
         )[0]
         return self.schedule.x0_from_output(velocity, x_t, t)
-
-    def unconditional(self, cond: Condition) -> Condition:
-        batch = cond["prompt_embeds"].shape[0]
-        return {k: v.expand(batch, *v.shape[1:]).to(cond[k].device) for k, v in self.negative.items()}

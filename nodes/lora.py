@@ -50,7 +50,9 @@ def _collect_not_loaded():
 def _read_lora(model, lora_name: str) -> tuple[dict, dict | None, str | None]:
     """(state dict, metadata, how it was converted or None). Pickled files (.pt / .ckpt: the official
     tdm_dreamshaper.pt, tdm_sd3-5_lora.ckpt) go through the weights-only unpickler only; a
-    positional ``ema_parameters`` list is converted for ``model`` (nodes/positional_lora.py)."""
+    positional ``ema_parameters`` list is converted for ``model`` (nodes/positional_lora.py). A pickled
+    ordinary LoRA is then read a second time by ComfyUI's own loader, which unwraps it as ComfyUI
+    does (and in 0.38 annotates its storage): small files, and no copy of that logic here."""
     path = folder_paths.get_full_path_or_raise("loras", lora_name)
     try:
         values = None if path.lower().endswith(SAFETENSORS_SUFFIXES) else read_positional_list(path)

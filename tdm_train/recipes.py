@@ -35,7 +35,25 @@ RECOMMENDED_GUIDANCE: dict[str, GuidanceRecipe] = {
     # CogVideoXPipeline and of THUDM's examples), following the paper's pattern of training at
     # about the teacher's sampling CFG (SD1.5 3.5 -> 3.5, SDXL 7.5 -> 8).
     "cogvideox": GuidanceRecipe(6.0, "our choice: CogVideoX-2B's own sampling guidance (6); the paper gives none"),
+    # Neither the paper nor the official code states the guidance of the TDM SD3 / SD3.5 LoRAs.
+    # Our choice, by the same pattern: each teacher's own sampling guidance from its model card
+    # (stabilityai/stable-diffusion-3-medium: 7.0 at 28 steps; stable-diffusion-3.5-medium: 4.5 at 40).
+    "sd3": GuidanceRecipe(7.0, "our choice: SD3-Medium's own sampling guidance (7, its model card); the paper gives none"),
+    "sd3.5": GuidanceRecipe(4.5, "our choice: SD3.5-Medium's own sampling guidance (4.5, its model card); the paper "
+                                 "gives none"),
 }
+
+
+# families trained on a rectified-flow schedule (their student grid spans T_s = 1000, from pure noise)
+FLOW_FAMILIES = ("sd3", "sd3.5")
+
+
+def guidance_family(backbone: str, denoiser_config: dict) -> str:
+    """The key of RECOMMENDED_GUIDANCE for a teacher: SD3.5 (dual-attention layers or qk norm in its
+    transformer config) apart from SD3; the backbone itself otherwise."""
+    if backbone == "sd3" and (denoiser_config.get("dual_attention_layers") or denoiser_config.get("qk_norm")):
+        return "sd3.5"
+    return backbone
 
 
 def recommended_guidance(backbone: str) -> GuidanceRecipe:

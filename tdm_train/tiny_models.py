@@ -97,6 +97,25 @@ COGVIDEOX_2B_SCHEDULER_CONFIG = {"_class_name": "CogVideoXDDIMScheduler", "beta_
                                  "snr_shift_scale": 3.0, "timestep_spacing": "trailing"}
 
 
+def tiny_sd3_transformer(dual_attention: bool = True, seed: int = 0, in_channels: int = 16):
+    """A tiny SD3Transformer2DModel: SD3.5-shaped (a dual-attention first block, qk RMS norm) or
+    SD3-shaped. It takes the tiny SD3 folder's text states: joint width 48 (T5's), pooled 32 (the two
+    CLIPs' projections)."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    extra = {"dual_attention_layers": (0,), "qk_norm": "rms_norm"} if dual_attention else {}
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=in_channels, out_channels=in_channels, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16,
+        pooled_projection_dim=32, pos_embed_max_size=16, **extra,
+    ).eval()
+
+
+# SD3-Medium's and SD3.5-Medium's scheduler/scheduler_config.json
+SD3_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+
 # ----------------------------------------------------------------------------- tiny pipeline folders
 _T5_WORDS = ("a photo of the cat dog red blue green astronaut horse moon riding on in with city night "
              "painting portrait forest river mountain car").split()
@@ -130,7 +149,8 @@ def _t5_tokenizer():
 
 def save_tiny_pipeline(folder, backbone: str, seed: int = 0):
     """Writes a complete tiny diffusers pipeline folder (model_index.json, scheduler, text
-    encoder(s) and tokenizer(s), denoiser, VAE) for ``backbone`` in sdxl / pixart / cogvideox."""
+    encoder(s) and tokenizer(s), denoiser, VAE) for ``backbone`` in sdxl / pixart / cogvideox /
+    sd3 / sd3.5 (both StableDiffusion3Pipeline folders; sd3.5 with dual attention and qk norm)."""
     import json
     from pathlib import Path
 
@@ -156,6 +176,33 @@ def save_tiny_pipeline(folder, backbone: str, seed: int = 0):
         components = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
                       "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                       "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"]}
+    elif backbone in ("sd3", "sd3.5"):
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+        tokenizer, t5_tokenizer = _clip_tokenizer(), _t5_tokenizer()
+        for name, hidden in (("text_encoder", 16), ("text_encoder_2", 16)):  # CLIP-L, CLIP-G in miniature
+            CLIPTextModelWithProjection(CLIPTextConfig(
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, hidden_size=hidden, intermediate_size=37, layer_norm_eps=1e-5,
+                num_attention_heads=4, num_hidden_layers=3, vocab_size=len(tokenizer), hidden_act="gelu",
+                projection_dim=16)).save_pretrained(folder / name)
+        T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=48, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1)).save_pretrained(
+            folder / "text_encoder_3")
+        for name in ("tokenizer", "tokenizer_2"):
+            tokenizer.save_pretrained(folder / name)
+        t5_tokenizer.save_pretrained(folder / "tokenizer_3")
+        tiny_sd3_transformer(backbone == "sd3.5", seed).save_pretrained(folder / "transformer")
+        AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                      down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                      latent_channels=16, sample_size=32, norm_num_groups=8, scaling_factor=1.5305,
+                      shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False).save_pretrained(folder / "vae")
+        scheduler, pipeline = dict(SD3_SCHEDULER_CONFIG), "StableDiffusion3Pipeline"
+        components = {"transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                      **{f"text_encoder{s}": ["transformers", "CLIPTextModelWithProjection"] for s in ("", "_2")},
+                      "text_encoder_3": ["transformers", "T5EncoderModel"],
+                      "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "tokenizer_3": ["transformers", "PreTrainedTokenizerFast"]}  # tokenizer.json (word level)
     else:
         from transformers import T5Config, T5EncoderModel
 
@@ -179,7 +226,7 @@ def save_tiny_pipeline(folder, backbone: str, seed: int = 0):
                       "tokenizer": ["transformers", "T5Tokenizer"]}
         if backbone == "cogvideox":
             components["vae"] = ["diffusers", "AutoencoderKLCogVideoX"]
-    if backbone != "cogvideox":
+    if backbone in ("sdxl", "pixart"):
         AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
                       down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                       latent_channels=4, sample_size=32, norm_num_groups=8).save_pretrained(folder / "vae")

@@ -26,6 +26,16 @@ class Backend:
     def latent_shape(self, batch: int) -> tuple[int, ...]:
         raise NotImplementedError
 
+    def sampling_metadata(self, timesteps: list[int]) -> dict:
+        """Sampling settings recorded in the LoRA's tdm.sampling beyond the grid (none by default)."""
+        return {}
+
+    @property
+    def family(self) -> str:
+        """The model family its recipes are keyed by (tdm_train/recipes.py); the backend's name
+        unless one backend serves several families."""
+        return self.name
+
     def unconditional(self, cond: Condition) -> Condition:
         """The teacher's unconditional input for a batch of conditions."""
         raise NotImplementedError

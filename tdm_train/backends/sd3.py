@@ -41,6 +41,17 @@ class SD3Backend(EncodedNegativeBackend):
         side = self.resolution // 8
         return (batch, self.model.config.in_channels, side, side)
 
+    @property
+    def family(self) -> str:
+        from ..recipes import guidance_family
+
+        return guidance_family(self.name, dict(self.model.config))
+
+    def sampling_metadata(self, timesteps: list[int]) -> dict:
+        """What a sampler of another tool needs besides the grid: the flow shift and the sigmas."""
+        sigmas = self.schedule.sigma(torch.tensor(timesteps)).tolist()
+        return {"flow_shift": self.schedule.shift, "sigmas": [round(float(s), 6) for s in sigmas]}
+
     def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """What the transformer is fed for table index t: sigma_t * 1000."""
         return self.schedule.sigma(t) * self.schedule.num_train_timesteps

@@ -117,11 +117,12 @@ def lora_metadata(backend_name: str, rank: int, alpha: float, target_modules, ti
 def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[str, torch.Tensor], rank: int,
                       alpha: float, target_modules, timesteps: list[int], steps_trained: int,
                       extra_sampling: dict | None = None, training_cfg: float | None = None,
-                      step_conditions=None) -> tuple[Path, Path]:
+                      step_conditions=None, family: str | None = None) -> tuple[Path, Path]:
     """Writes both files and the model card; returns (diffusers file, ComfyUI file).
     ``training_cfg``: the teacher guidance it was trained with, recorded in both.
     ``step_conditions``: a TDM-unify student's :class:`~tdm_train.lora.step_embedding.StepConditions`
-    (its c_K tensors and metadata go into both files), None for a fixed-K student."""
+    (its c_K tensors and metadata go into both files), None for a fixed-K student. ``family``: the
+    recipe family the model card names the guidance's source by (default the backend's name)."""
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save a LoRA with non-finite weights: {bad[:4]}")
@@ -154,15 +155,17 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
     else:  # no ComfyUI core model: the diffusers file again, its adapter metadata (alpha, rank) included
         comfy, comfy_meta = diffusers_state_dict(state, component), diffusers_meta
     atomic.save_safetensors({**comfy, **condition_tensors}, comfy_path, comfy_meta)
-    _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained, training_cfg, step_conditions)
+    _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained, training_cfg, step_conditions,
+                      family or backend_name)
     return diffusers_path, comfy_path
 
 
 def _write_model_card(output_dir: Path, backend_name: str, rank: int, alpha: float, timesteps: list[int],
-                      steps_trained: int, training_cfg: float | None = None, step_conditions=None) -> None:
+                      steps_trained: int, training_cfg: float | None = None, step_conditions=None,
+                      family: str | None = None) -> None:
     grid = ", ".join(str(t) for t in timesteps)
-    guidance = ("" if training_cfg is None else
-                f"Teacher guidance (CFG) distilled into it: {describe_guidance(float(training_cfg), backend_name)}.\n")
+    guidance = ("" if training_cfg is None else "Teacher guidance (CFG) distilled into it: "
+                f"{describe_guidance(float(training_cfg), family or backend_name)}.\n")
     unify = _unify_card(step_conditions, timesteps[0] + 1) if step_conditions is not None else ""
     card = f"""# TDM student LoRA ({backend_name})
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..distill import TDMConfig
 from ..errors import BadInput
-from ..recipes import recommended_guidance
+from ..recipes import FLOW_FAMILIES, recommended_guidance
 
 
 def _csv(text: str) -> list[str]:
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--num_steps", "--num-steps", type=int, default=4, help="student steps K (default 4)")
     common.add_argument("--total_steps", "--total-steps", type=int, default=None,
                         help="span T_s of the uniform grid t_k = k*T_s//K - 1 (default 900: 899/674/449/224; "
-                             "1000 for the flow toy: 999/749/499/249)")
+                             "1000 on flow schedules, SD3 and the flow toy: 999/749/499/249)")
     common.add_argument("--tau_mode", "--tau-mode", choices=("separate", "tail"), default="separate",
                         help="separate: tau in the step's own interval (default); tail: up to T_s")
     common.add_argument("--mid_point", "--mid-point", choices=("grid", "demo"), default="grid",
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("training a real teacher")
     train.add_argument("--config", default=None, help="TOML, YAML or JSON file of flag names -> values; flags override it")
     train.add_argument("--pretrained_teacher_model", default=None, help="diffusers pipeline folder of the teacher")
-    train.add_argument("--backbone", choices=("auto", "sdxl", "pixart", "cogvideox"), default="auto",
+    train.add_argument("--backbone", choices=("auto", "sdxl", "pixart", "cogvideox", "sd3"), default="auto",
                        help="override the backbone detected from model_index.json")
     train.add_argument("--prompts", default=None, help=".txt (one per line), .jsonl (text field) or .csv file")
     train.add_argument("--prompt_column", default=None, help="field / column of .jsonl / .csv prompts (default text, "
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--real_guidance_scale", type=float, default=None,
                        help="CFG folded into the teacher's target (the student samples at cfg 1). Default: the "
                             "backbone's recipe (tdm_train/recipes.py): PixArt-alpha 4.5 (the official "
-                            "demo), SDXL 8 (the paper), CogVideoX 6 (ours: the paper gives none). 1 = no CFG")
+                            "demo), SDXL 8 (the paper), CogVideoX 6, SD3 7, SD3.5 4.5 (ours: the teachers' own "
+                            "sampling guidance; the paper gives none). 1 = no CFG")
     train.add_argument("--huber_c", type=float, default=1e-3)
     train.add_argument("--fake_updates_per_generator", type=int, default=1, help="TTUR ratio")
     train.add_argument("--unify_steps", type=_int_list, default=None,
@@ -221,9 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             if dest not in given:
                 setattr(args, dest, _config_value(actions[dest], str(key), value, args.config))
                 args._from_config[dest] = args.config
-    if args.total_steps is None:  # a flow grid starts at pure noise (sigma = 1 at index 999)
-        flow_toy = not args.pretrained_teacher_model and args.demo == "gmm" and args.schedule == "flow"
-        args.total_steps = 1000 if flow_toy else 900
+    if args.total_steps is None and not args.pretrained_teacher_model:  # a teacher's: tdm_config, per backbone
+        args.total_steps = 1000 if args.demo == "gmm" and args.schedule == "flow" else 900
     return args
 
 
@@ -233,9 +233,12 @@ def tdm_config(args: argparse.Namespace, backbone: str | None = None) -> TDMConf
     guidance = getattr(args, "real_guidance_scale", None)
     if guidance is None:
         guidance = recommended_guidance(backbone).scale if backbone else 1.0
+    total_steps = args.total_steps
+    if total_steps is None:  # a flow teacher's grid starts at pure noise, sigma = 1 at index 999
+        total_steps = 1000 if backbone in FLOW_FAMILIES else 900
     return TDMConfig(
         num_steps=args.num_steps,
-        total_steps=args.total_steps,
+        total_steps=total_steps,
         timesteps=tuple(args.student_timesteps) if getattr(args, "student_timesteps", None) else None,
         tau_mode=args.tau_mode,
         mid_point=args.mid_point,

@@ -17,9 +17,10 @@ from ..errors import read_json_object as read_json
 
 # the denoiser of each backbone: its folder and diffusers class; the components training reads
 DENOISERS = {"sdxl": ("unet", "UNet2DConditionModel"), "pixart": ("transformer", "PixArtTransformer2DModel"),
-             "cogvideox": ("transformer", "CogVideoXTransformer3DModel")}
+             "cogvideox": ("transformer", "CogVideoXTransformer3DModel"), "sd3": ("transformer", "SD3Transformer2DModel")}
 TEXT_COMPONENTS = {"sdxl": ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"),
-                   "pixart": ("text_encoder", "tokenizer"), "cogvideox": ("text_encoder", "tokenizer")}
+                   "pixart": ("text_encoder", "tokenizer"), "cogvideox": ("text_encoder", "tokenizer"),
+                   "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")}
 LATENT_FACTOR = 8  # the VAE of every supported backbone downsamples by 8 (the backends assume it)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "piecewise_constant")

@@ -16,7 +16,7 @@ from ..errors import BadInput, IncompatibleFile
 from .teachers import add_sdxl_time_ids, build_backend, cached_prompt_conditions
 from .arguments import tdm_config
 from .prompts import read_prompts
-from ..recipes import resolve_guidance
+from ..recipes import guidance_family, resolve_guidance
 from .trainer import TDMTrainer, TrainConfig
 
 logger = logging.getLogger("tdm_train")
@@ -39,8 +39,9 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
     if args.student_timesteps and args.num_steps not in (4, len(args.student_timesteps)):
         raise BadInput(f"--num_steps {args.num_steps} does not match --student_timesteps "
                        f"{args.student_timesteps} ({len(args.student_timesteps)} steps); drop one of them")
+    family = guidance_family(backbone, denoiser_config)  # SD3.5 apart from SD3: their own guidance
     try:
-        tdm = tdm_config(args, backbone)
+        tdm = tdm_config(args, family)
         grid = tdm.grid()  # raises on a bad grid (out of range, not decreasing)
     except ValueError as error:
         raise BadInput(str(error)) from None
@@ -82,7 +83,7 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
         if resolved is not None:  # the trainer resumes exactly this one (and does not warn about skips again)
             config = dataclasses.replace(config, resume_from_checkpoint=str(resolved))
     logger.info("TDM %s: %d prompts, grid %s, teacher guidance %g (%s)", backbone, len(prompts), grid,
-                tdm.guidance_scale, resolve_guidance(args.real_guidance_scale, backbone)[1])
+                tdm.guidance_scale, resolve_guidance(args.real_guidance_scale, family)[1])
     return backbone, prompts, config
 
 

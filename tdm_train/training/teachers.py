@@ -12,7 +12,7 @@ import torch
 
 from .. import atomic
 from ..errors import read_json_object
-from ..backends import CogVideoXBackend, PixArtBackend, SDXLBackend
+from ..backends import CogVideoXBackend, PixArtBackend, SD3Backend, SDXLBackend
 from ..backends.base import Backend, Condition
 
 PIPELINE_CLASSES = {
@@ -20,8 +20,10 @@ PIPELINE_CLASSES = {
     "PixArtAlphaPipeline": "pixart",
     "PixArtSigmaPipeline": "pixart",
     "CogVideoXPipeline": "cogvideox",
+    "StableDiffusion3Pipeline": "sd3",
 }
-BACKBONES = ("sdxl", "pixart", "cogvideox")
+BACKBONES = ("sdxl", "pixart", "cogvideox", "sd3")
+SD3_T5_LENGTH = 256  # StableDiffusion3Pipeline's max_sequence_length default
 
 
 def pipeline_class_name(folder: Path, hint: str) -> str:
@@ -86,6 +88,8 @@ def encode_prompts(folder: str | Path, backbone: str, prompts: list[str], device
             pooled.append(out.text_embeds.float().cpu())
         conditions = {"prompt_embeds": torch.cat(embeds), "text_embeds": torch.cat(pooled)}
         del encoders
+    elif backbone == "sd3":
+        conditions = _encode_sd3(folder, texts, device, batch_size)
     else:
         from transformers import T5EncoderModel
 
@@ -116,6 +120,38 @@ def encode_prompts(folder: str | Path, backbone: str, prompts: list[str], device
         torch.cuda.empty_cache()
     negative = {k: v[-1:] for k, v in conditions.items()}
     return {k: v[:-1] for k, v in conditions.items()}, negative
+
+
+def _encode_sd3(folder: Path, texts: list[str], device, batch_size: int) -> Condition:
+    """As StableDiffusion3Pipeline.encode_prompt: CLIP-L and CLIP-G penultimate states side by side,
+    zero-padded to T5's width, then T5's states along the sequence (77 + 256 tokens); pooled = both
+    CLIPs' projected outputs side by side."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    _require(folder, "tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2", "text_encoder_3")
+    clips = [(AutoTokenizer.from_pretrained(folder / tok), CLIPTextModelWithProjection.from_pretrained(folder / enc)
+              .to(device).eval()) for tok, enc in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
+    t5_tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_3")
+    t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_3").to(device).eval()
+    embeds, pooled = [], []
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start:start + batch_size]
+        states, pools = [], []
+        for tokenizer, encoder in clips:
+            ids = tokenizer(chunk, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pools.append(out.text_embeds)
+        ids = t5_tokenizer(chunk, padding="max_length", max_length=SD3_T5_LENGTH, truncation=True,
+                           add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        t5_states = t5(ids)[0]
+        clip_states = torch.cat(states, dim=-1)
+        clip_states = torch.nn.functional.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
+        embeds.append(torch.cat([clip_states, t5_states], dim=-2).float().cpu())
+        pooled.append(torch.cat(pools, dim=-1).float().cpu())
+    del clips, t5
+    return {"prompt_embeds": torch.cat(embeds), "pooled_prompt_embeds": torch.cat(pooled)}
 
 
 def cached_prompt_conditions(folder: str | Path, backbone: str, prompts: list[str], cache_dir: str | Path,
@@ -157,6 +193,11 @@ def build_backend(folder: str | Path, backbone: str, negative: Condition, resolu
         _require(folder, "transformer")
         return CogVideoXBackend(CogVideoXTransformer3DModel.from_pretrained(folder / "transformer"), scheduler,
                                 negative, height=height, width=width, frames=frames)
+    if backbone == "sd3":
+        from diffusers import SD3Transformer2DModel
+
+        _require(folder, "transformer")
+        return SD3Backend(SD3Transformer2DModel.from_pretrained(folder / "transformer"), scheduler, negative, resolution)
     raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
 
 

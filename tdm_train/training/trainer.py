@@ -508,7 +508,9 @@ class TDMTrainer:
         targets = cfg.lora_target_modules or self.backend.default_lora_targets
         return save_student_lora(self.output_dir, self.backend.name, self.student_state(), cfg.lora_rank,
                                  cfg.lora_alpha, targets, self.objective.timesteps, self.step,
-                                 training_cfg=cfg.tdm.guidance_scale, step_conditions=self.step_conditions())
+                                 extra_sampling=self.backend.sampling_metadata(self.objective.timesteps) or None,
+                                 training_cfg=cfg.tdm.guidance_scale, step_conditions=self.step_conditions(),
+                                 family=self.backend.family)
 
     def step_conditions(self):
         """The TDM-unify student's K condition as it travels with its LoRA (lora/step_embedding.py):

@@ -32,6 +32,9 @@ from tdm_train.training.trainer import SingleProcess, TDMTrainer, TrainingStoppe
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 PIXART_TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj")
+# ComfyUI's MMDiT: fused qkv and the output projection of both streams' attention (joint_blocks.N.x_block /
+# context_block .attn), and SD3.5's second image attention (x_block.attn2): the diffusers SD3 LoRA's modules
+MMDIT_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
 
 
 def training_family(model_patcher) -> str:
@@ -41,9 +44,12 @@ def training_family(model_patcher) -> str:
         return "sdxl"
     if name == "PixArt":
         return "pixart"
+    if name == "SD3":  # SD3.5 apart from SD3 by its dual-attention layers / qk norm (their guidance differs)
+        unet_config = base.model_config.unet_config
+        return "sd3.5" if unet_config.get("x_block_self_attn_layers") or unet_config.get("qk_norm") else "sd3"
     if name == "BaseModel" and not base.adm_channels and base.model_config.unet_config.get("context_dim") in (768, 1024):
         return "sd15"
-    raise ValueError(f"TDM Train LoRA distils SDXL, SD1.x/2.x and PixArt-alpha models; this MODEL is a {name} "
+    raise ValueError(f"TDM Train LoRA distils SDXL, SD1.x/2.x, PixArt-alpha and SD3 / SD3.5 models; this MODEL is a {name} "
                      f"({type(base.model_config).__name__})")
 
 
@@ -101,6 +107,9 @@ class ComfyBackend(Backend):
         self.schedule, self.flow = schedule_of(model_patcher.get_model_object("model_sampling"))
         if family == "pixart":
             self.default_lora_targets = PIXART_TARGETS
+            self.time_embedding_module = "t_embedder"
+        elif family in ("sd3", "sd3.5"):
+            self.default_lora_targets = MMDIT_TARGETS
             self.time_embedding_module = "t_embedder"
         else:
             self.time_embedding_module = "time_embed"

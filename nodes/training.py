@@ -11,7 +11,7 @@ import torch
 import folder_paths
 from tdm_train.distill import TDMConfig
 from tdm_train.training.prompts import read_prompts
-from tdm_train.recipes import RECOMMENDED_GUIDANCE, resolve_guidance
+from tdm_train.recipes import FLOW_FAMILIES, RECOMMENDED_GUIDANCE, resolve_guidance
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
 from .comfy_trainer import train_in_comfyui, training_family
@@ -83,16 +83,22 @@ def training_guidance(training_cfg: float, family: str) -> tuple[float, str]:
 
 
 def _auto_cfg_tooltip() -> str:
-    labels = {"sdxl": "SDXL", "sd15": "SD1.x/2.x", "pixart": "PixArt-alpha"}
+    labels = {"sdxl": "SDXL", "sd15": "SD1.x/2.x", "pixart": "PixArt-alpha", "sd3": "SD3", "sd3.5": "SD3.5"}
     presets = ", ".join(f"{label} {RECOMMENDED_GUIDANCE[name].scale:g}" for name, label in labels.items())
     return ("the teacher's guidance folded into the target (the student samples at cfg 1). 0 = auto: the model "
             f"family's recommended value ({presets}; the same as python -m tdm_train); 1 = no CFG")
 
 
-def parse_grid(grid: str, num_steps: int, custom: str) -> tuple[int, ...]:
+def grid_span(family: str) -> int:
+    """T_s of the uniform grid: 900 (TDM's default) on DDPM models, 1000 on flow models (SD3 / SD3.5),
+    whose grid starts at pure noise, sigma = 1 at index 999 (as python -m tdm_train)."""
+    return 1000 if family in FLOW_FAMILIES else 900
+
+
+def parse_grid(grid: str, num_steps: int, custom: str, total_steps: int = 900) -> tuple[int, ...]:
     if grid == "custom":
         return tuple(validate_timesteps([int(t) for t in custom.replace(" ", "").split(",") if t]))
-    return tuple(tdm_timesteps(num_steps))
+    return tuple(tdm_timesteps(num_steps, total_steps))
 
 
 def parse_unify(text: str) -> tuple[int, ...] | None:
@@ -205,7 +211,9 @@ class TDMTrainLoRA(io.ComfyNode):
         unify = parse_unify(unify_steps)
         family = training_family(model)
         guidance, guidance_source = training_guidance(training_cfg, family)
-        tdm = TDMConfig(num_steps=num_steps, timesteps=None if unify else parse_grid(grid, num_steps, custom_timesteps),
+        span = grid_span(family)
+        tdm = TDMConfig(num_steps=num_steps, total_steps=span,
+                        timesteps=None if unify else parse_grid(grid, num_steps, custom_timesteps, span),
                         tau_mode=tau_mode, guidance_scale=guidance, generator_loss=loss, unify_steps=unify)
         config = TrainConfig(output_dir=str(folder), max_train_steps=steps, train_batch_size=batch_size,
                              learning_rate=fake_learning_rate,
@@ -217,7 +225,7 @@ class TDMTrainLoRA(io.ComfyNode):
         student, lora_state, history = train_in_comfyui(model, clip, texts, negative_prompt, width, height, config,
                                                          DTYPES[training_dtype], gradient_checkpointing, lora_path)
         summary = (f"{lora_path.name}: {config.max_train_steps} steps on {len(texts)} prompts, "
-                   f"timesteps {list(tdm.timesteps or tdm_timesteps(max(unify or [num_steps])))}, "
+                   f"timesteps {list(tdm.timesteps or tdm_timesteps(max(unify or [num_steps]), span))}, "
                    f"training CFG {guidance:g} ({guidance_source}); "
                    f"non-finite steps skipped: {sum(1 for h in history if h.get('skipped_nonfinite'))}")
         if attached(student.wrappers) is not None:  # a K-conditioned TDM-unify student

@@ -726,3 +726,33 @@ def test_cogvideox_workflow_samples_the_trained_grid_and_saves_frames(comfy, tmp
     not_cog = _run_prompt(url, _cogvideox_prompt("not_cogvideox", "tiny_cog_tdm.safetensors"))
     message = [m for m in not_cog["status"]["messages"] if m[0] == "execution_error"][0][1]["exception_message"]
     assert "is not a CogVideoX diffusers folder" in message and "StableDiffusionXLPipeline" in message
+
+
+def test_train_node_distils_a_comfyui_sd35_model_on_its_flow_grid(tmp_path):
+    """Runs in ComfyUI's Python (no server): TDM Train LoRA on ComfyUI's own SD3 MODEL of a
+    reduced-depth SD3.5-shaped transformer (dual attention, qk RMS norm; ComfyUI's detection reads
+    depth 2 from hidden 128), with a stand-in CLIP (ComfyUI builds SD3's encoders at full size
+    only). The grid starts at pure noise (999/749/499/249 = sigmas 1, 0.9, 0.75, 0.5), the guidance is
+    SD3.5's default, every attention projection (SD3.5's attn2 too) is trained and loads back through
+    ComfyUI's key map, and the returned MODEL samples as the saved file through the TDM LoRA Loader."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=64, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=128, pooled_projection_dim=24, out_channels=16,
+                                        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    for p in transformer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, str(tmp_path / "tiny_sd35.safetensors"))
+    out = _check_in_comfy("check_sd3_training_in_comfy.py", tmp_path, timeout=600)
+    assert out["type"] == "SD3" and out["family"] == "sd3.5"
+    assert out["timesteps"] == [999, 749, 499, 249] and "timesteps [999, 749, 499, 249]" in out["summary"]
+    assert out["training_cfg"] == "4.5" and "sd3.5 default" in out["summary"]
+    # 2 blocks x (x_block qkv, proj; context_block qkv, proj but in the last, pre-only block) + block 0's attn2
+    assert len(out["modules"]) == 2 * 4 - 1 + 2 and any(".attn2." in m for m in out["modules"])
+    assert out["patched"] == len(out["modules"]) and out["not_loaded"] == []
+    assert "strength 1 (metadata tdm.lora_strength)" in out["loader_summary"]
+    assert out["sigmas"] == [1.0, 0.9, 0.75, 0.5, 0.0]
+    assert out["finite"] and out["student_vs_base"] > 1e-4 and out["student_vs_loaded"] < 1e-5

@@ -12,7 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 # ComfyUI core nodes the workflows use (the integration test checks them against /object_info)
-CORE_NODES = {"CheckpointLoaderSimple", "PreviewImage", "SaveAnimatedWEBP", "UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode",
+CORE_NODES = {"CheckpointLoaderSimple", "PreviewImage", "SaveAnimatedWEBP", "UNETLoader", "CLIPLoader", "VAELoader",
+              "TripleCLIPLoader", "CLIPTextEncode",
               "ConditioningZeroOut", "EmptyLatentImage", "EmptySD3LatentImage", "VAEDecode", "SaveImage",
               "SamplerCustom"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}

@@ -30,6 +30,8 @@ CATALOG: dict[str, dict] = {
     "UNETLoader": {"inputs": [], "widgets": ["unet_name", "weight_dtype"], "outputs": [("MODEL", "MODEL")]},
     "CLIPLoader": {"inputs": [], "widgets": ["clip_name", "type", "device"], "outputs": [("CLIP", "CLIP")]},
     "VAELoader": {"inputs": [], "widgets": ["vae_name"], "outputs": [("VAE", "VAE")]},
+    "TripleCLIPLoader": {"inputs": [], "widgets": ["clip_name1", "clip_name2", "clip_name3"],
+                         "outputs": [("CLIP", "CLIP")]},
     "CLIPTextEncode": {"inputs": [("clip", "CLIP")], "widgets": ["text"], "outputs": [("CONDITIONING", "CONDITIONING")]},
     "ConditioningZeroOut": {"inputs": [("conditioning", "CONDITIONING")], "widgets": [],
                             "outputs": [("CONDITIONING", "CONDITIONING")]},
@@ -329,7 +331,77 @@ def workflows() -> list[Workflow]:
         [{"name": "tdm_cogvideox_2b_lora.safetensors", "directory": "loras",
           "url": "https://huggingface.co/Luo-Yihong/TDM_CogVideoX-2B_LoRA/resolve/main/pytorch_lora_weights.safetensors"}],
     )
-    return [sdxl, pixart, sd3, sd15, export, engine, training, cogvideox]
+    sd35_models = [
+        {"name": "sd3.5_medium.safetensors", "directory": "checkpoints",
+         "url": "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/resolve/main/sd3.5_medium.safetensors"},
+        *({"name": name, "directory": "text_encoders",
+           "url": f"https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/resolve/main/text_encoders/{name}"}
+          for name in ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")),
+    ]
+
+    def sd35_loaders() -> list[Node]:
+        return [Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_medium.safetensors"}, pos=(40, 80)),
+                Node(2, "TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                             "clip_name3": "t5xxl_fp16.safetensors"}, pos=(40, 300))]
+
+    sd35 = Workflow(
+        "sd35_medium_tdm_lora_4step",
+        "SD3.5-Medium + official TDM SD3.5 LoRA (the .ckpt as downloaded), 4 steps",
+        [
+            *sd35_loaders(),
+            Node(3, "TDMLoraLoader", {"lora_name": "tdm_sd3-5_lora.ckpt", "strength_source": "recorded",
+                                      "strength": 1.0}, {"model": (1, 0)}, pos=(420, 80)),
+            Node(4, "CLIPTextEncode", {"text": PROMPT}, {"clip": (2, 0)}, pos=(420, 300)),
+            Node(5, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(420, 520)),
+            Node(6, "TDMKSampler", {"seed": 0, **_tdm_grid("flow_shifted", shift=3.0), "eta": 0.0, "cfg": 1.0,
+                                    "denoise": 1.0},
+                 {"model": (3, 0), "positive": (4, 0), "latent_image": (5, 0)}, pos=(800, 80)),
+            Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, pos=(1180, 80)),
+            Node(8, "SaveImage", {"filename_prefix": "TDM/sd35"}, {"images": (7, 0)}, pos=(1180, 300)),
+            _note(9, "Official TDM SD3.5-Medium LoRA (Luo-Yihong/TDM_sd3-5_lora) as downloaded, "
+                     "models/loras/tdm_sd3-5_lora.ckpt: a positional parameter list that the TDM LoRA Loader "
+                     "converts on load for this SD3.5 model. Flow sigmas with shift 3 (1, 0.9, 0.75, 0.5), 4 steps, "
+                     "cfg 1. A LoRA from the SD3.5 training workflow samples the same way (or tdm_uniform with "
+                     "total_steps 1000).", (40, 520)),
+        ],
+        [*sd35_models, {"name": "tdm_sd3-5_lora.ckpt", "directory": "loras",
+                        "url": "https://huggingface.co/Luo-Yihong/TDM_sd3-5_lora/resolve/main/tdm_sd3-5_lora.ckpt"}],
+    )
+    sd35_training = Workflow(
+        "sd35_medium_tdm_train_lora",
+        "Distil SD3.5-Medium into a 4-step TDM LoRA (flow matching), then sample it",
+        [
+            *sd35_loaders(),
+            Node(3, "TDMTrainLoRA", {
+                "prompts": "a photograph of an astronaut riding a horse\na watercolor painting of a fox in a snowy "
+                           "forest\na portrait of an old fisherman, dramatic light\na futuristic city at night, "
+                           "neon reflections on wet streets",
+                "prompts_file": "(none)", "negative_prompt": "", "width": 1024, "height": 1024, "steps": 500,
+                "batch_size": 1, "generator_learning_rate": 2e-5, "fake_learning_rate": 1e-4, "lora_rank": 32,
+                "lora_alpha": 64.0, "grid": "tdm_uniform", "num_steps": 4, "custom_timesteps": "999, 749, 499, 249",
+                "training_cfg": 0.0, "loss": "mse", "tau_mode": "separate", "unify_steps": "", "seed": 0,
+                "gradient_checkpointing": True, "training_dtype": "bf16", "lora_name": "tdm_sd35_medium_student",
+                "resume": False, "checkpoint_every": 100},
+                 {"model": (1, 0), "clip": (2, 0)}, pos=(420, 80)),
+            Node(4, "CLIPTextEncode", {"text": PROMPT}, {"clip": (2, 0)}, pos=(800, 300)),
+            Node(5, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(800, 520)),
+            Node(6, "TDMKSampler", {"seed": 0, **_tdm_grid(total_steps=1000, custom="999, 749, 499, 249"), "eta": 0.0,
+                                    "cfg": 1.0, "denoise": 1.0},
+                 {"model": (3, 0), "positive": (4, 0), "latent_image": (5, 0)}, pos=(1180, 80)),
+            Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}, pos=(1560, 80)),
+            Node(8, "PreviewImage", {}, {"images": (7, 0)}, pos=(1560, 300)),
+            Node(9, "PreviewImage", {}, {"images": (3, 2)}, pos=(800, 740)),
+            _note(10, "TDM distillation of SD3.5-Medium as loaded (rectified flow): the grid starts at pure noise, "
+                      "999/749/499/249 = sigmas 1, 0.9, 0.75, 0.5 at the model's shift 3 (tdm_uniform with "
+                      "total_steps 1000 samples exactly these), training_cfg 0 = auto: SD3.5's own sampling "
+                      "guidance 4.5 (SD3-Medium: 7; the paper gives none). The LoRA lands in "
+                      "models/loras/tdm_sd35_medium_student.safetensors (checkpoints in output/tdm_training/); "
+                      "the node's model output samples at once in 4 steps, cfg 1. Needs a GPU at 1024 px "
+                      "(gradient checkpointing on, bf16).", (40, 520)),
+        ],
+        sd35_models,
+    )
+    return [sdxl, pixart, sd3, sd15, export, engine, training, cogvideox, sd35, sd35_training]
 
 
 def _widget_values(node: Node) -> list:

@@ -37,6 +37,7 @@ ARCHITECTURES = {
     "pixart": ("transformer", "pixart-alpha/lora", "pixart_alpha"),
     "cogvideox": ("transformer", "cogvideox-2b/lora", "cogvideox_2b"),
     "sd3": ("transformer", "stable-diffusion-v3-medium/lora", "sd3"),
+    "sd3.5": ("transformer", "stable-diffusion-v3.5-medium/lora", "sd3.5"),
     "digits": ("unet", "tdm-digits-unet/lora", "tdm_digits"),
     "sd15": ("unet", "stable-diffusion-v1/lora", "sd_v1"),
 }
@@ -132,8 +133,8 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
     condition_tensors: dict[str, torch.Tensor] = {}
     if step_conditions is not None:
         extra_sampling = {**(extra_sampling or {}), "unify_steps": step_conditions.steps}
-    meta = lora_metadata(backend_name, rank, alpha, target_modules, timesteps, steps_trained, extra_sampling,
-                         training_cfg=training_cfg)
+    meta = lora_metadata(family if family in ARCHITECTURES else backend_name, rank, alpha, target_modules,
+                         timesteps, steps_trained, extra_sampling, training_cfg=training_cfg)
     if step_conditions is not None:
         meta.update(step_conditions.metadata())
         condition_tensors = step_conditions.tensors()

@@ -14,6 +14,7 @@ models), so one engine loader serves both:
 | sd15      | sample [B,4,h,w], timestep [B], encoder_hidden_states [B,S,768]             | model_output |
 | pixart    | sample [B,4,h,w], timestep [B], encoder_hidden_states [B,120,4096], encoder_attention_mask [B,120] (+ resolution [B,2], aspect_ratio [B,1] for 1024 models) | model_output |
 | cogvideox | sample [B,F,C,h,w] (F, h, w static), timestep [B], encoder_hidden_states [B,226,4096] | model_output |
+| sd3       | sample [B,16,h,w], timestep [B] (= sigma * 1000), encoder_hidden_states [B,333,4096], pooled_projections [B,2048] | model_output (velocity) |
 
 ``add_embeds`` is SDXL's added conditioning already embedded: pooled text embeds followed by the
 six cos-first Fourier features of the micro-conditions — exactly ComfyUI's 2816-wide ``y``, so an
@@ -142,6 +143,19 @@ class CogVideoXForExport(torch.nn.Module):
                                 image_rotary_emb=None, return_dict=False)[0]
 
 
+class SD3ForExport(torch.nn.Module):
+    """SD3 / SD3.5's transformer (rectified-flow velocity). Its timestep input is the network's own,
+    sigma * 1000 (what diffusers' pipeline and ComfyUI's CONST models feed), not the table index."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
+        return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+
+
 def sdxl_add_embeds(text_embeds: torch.Tensor, time_ids: torch.Tensor, time_embed_dim: int = 256) -> torch.Tensor:
     """ComfyUI's SDXL ``y`` from diffusers' conditioning: pooled embeds, then cos-first sinusoidal
     features (max period 10000) of the six micro-conditions, in float32."""
@@ -219,7 +233,8 @@ def tensor_spec(name: str, dtype: str, dims: list, shapes: ExportShapes) -> tupl
 
 def family_spec(family: str, model: torch.nn.Module, shapes: ExportShapes, dtype: str) -> FamilySpec:
     """The export spec of a diffusers denoiser (UNet2DConditionModel / PixArtTransformer2DModel /
-    CogVideoXTransformer3DModel) for ``family``; ``model`` is wrapped (and owned) by the spec."""
+    CogVideoXTransformer3DModel / SD3Transformer2DModel) for ``family``; ``model`` is wrapped (and
+    owned) by the spec."""
     config = model.config
     channels = config.in_channels
     image = ["batch", channels, "height", "width"]
@@ -264,6 +279,14 @@ def family_spec(family: str, model: torch.nn.Module, shapes: ExportShapes, dtype
         conditioning = {"text_len": text_len, "text_embed_dim": config.text_embed_dim}
         dims = [("sample", ["batch", frames, channels, shapes.height[1], shapes.width[1]]), ("timestep", ["batch"]),
                 ("encoder_hidden_states", ["batch", text_len, config.text_embed_dim])]
+    elif family == "sd3":
+        module = SD3ForExport(model)
+        text_len = shapes.text_len[1]
+        conditioning = {"text_len": text_len, "joint_attention_dim": config.joint_attention_dim,
+                        "pooled_dim": config.pooled_projection_dim, "network_timestep": "sigma*1000"}
+        dims = [("sample", image), ("timestep", ["batch"]),
+                ("encoder_hidden_states", ["batch", text_len, config.joint_attention_dim]),
+                ("pooled_projections", ["batch", config.pooled_projection_dim])]
     else:
         raise ValueError(f"unknown family {family!r}")
     return assemble(family, module, dims, shapes, dtype, conditioning, latent)

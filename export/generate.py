@@ -19,7 +19,7 @@ from .runtime import Runner
 class ExportedStudent:
     """An x0-predictor over a runner. Conditions use the trainer's names: ``prompt_embeds``;
     SDXL also ``text_embeds`` [B, 1280] and ``time_ids`` [B, 6] (or ComfyUI's ``y`` as
-    ``add_embeds``); PixArt ``prompt_attention_mask``."""
+    ``add_embeds``); PixArt ``prompt_attention_mask``; SD3 ``pooled_prompt_embeds``."""
 
     def __init__(self, runner: Runner):
         self.runner = runner
@@ -28,14 +28,18 @@ class ExportedStudent:
 
     def feeds(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
         family, batch = self.manifest.family, x_t.shape[0]
-        feeds = {"sample": x_t, "timestep": t.float().expand(batch),
-                 "encoder_hidden_states": cond["prompt_embeds"]}
+        timestep = t.float().expand(batch)
+        if family == "sd3":  # the flow transformer's own timestep: sigma * 1000, not the table index
+            timestep = (self.schedule.sigma(t) * self.schedule.num_train_timesteps).float().expand(batch)
+        feeds = {"sample": x_t, "timestep": timestep, "encoder_hidden_states": cond["prompt_embeds"]}
         if family == "sdxl":
             add_embeds = cond.get("add_embeds")
             if add_embeds is None:
                 add_embeds = sdxl_add_embeds(cond["text_embeds"], cond["time_ids"],
                                              self.manifest.conditioning["add_time_embed_dim"])
             feeds["add_embeds"] = add_embeds
+        elif family == "sd3":
+            feeds["pooled_projections"] = cond["pooled_prompt_embeds"]
         elif family == "pixart":
             feeds["encoder_attention_mask"] = cond["prompt_attention_mask"]
             if self.manifest.conditioning.get("micro_conditions"):
@@ -97,5 +101,6 @@ def decode_latents(pipeline_folder, latents: torch.Tensor, family: str):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(folder / "vae")
-    image = vae.decode(latents / vae.config.scaling_factor).sample
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE: latents were (z - shift) * scale
+    image = vae.decode(latents / vae.config.scaling_factor + shift).sample
     return ((image.permute(0, 2, 3, 1) + 1) / 2).clamp(0, 1)

@@ -18,9 +18,10 @@ from tdm_train.training.teachers import PIPELINE_CLASSES, pipeline_class_name
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
 FAMILY_OF_PIPELINE = {**PIPELINE_CLASSES, "StableDiffusionPipeline": "sd15"}
-COMPONENT = {"sdxl": "unet", "sd15": "unet", "pixart": "transformer", "cogvideox": "transformer"}
+COMPONENT = {"sdxl": "unet", "sd15": "unet", "pixart": "transformer", "cogvideox": "transformer", "sd3": "transformer"}
 MODEL_CLASS = {"sdxl": "UNet2DConditionModel", "sd15": "UNet2DConditionModel",
-               "pixart": "PixArtTransformer2DModel", "cogvideox": "CogVideoXTransformer3DModel"}
+               "pixart": "PixArtTransformer2DModel", "cogvideox": "CogVideoXTransformer3DModel",
+               "sd3": "SD3Transformer2DModel"}
 
 
 @dataclass
@@ -122,7 +123,9 @@ def load_student(model: str | Path, lora: str | Path | None = None, strength: fl
     elif num_steps is not None:
         raise ValueError(f"--num-steps {num_steps} is for TDM-unify LoRAs (one student for several step counts); "
                          f"{lora or 'the base model'} carries no step condition: give its grid with --timesteps")
-    grid = timesteps or recorded or (list(COGVIDEOX_TIMESTEPS) if family == "cogvideox" else tdm_timesteps(4))
+    # defaults: CogVideoX's trained grid; on a flow schedule (SD3) the uniform grid from pure noise
+    default = list(COGVIDEOX_TIMESTEPS) if family == "cogvideox" else tdm_timesteps(4, 1000 if family == "sd3" else 900)
+    grid = timesteps or recorded or default
     return LoadedStudent(family, denoiser.eval(), scheduler_config, validate_timesteps(grid), source,
                          int(num_steps) if conditions is not None else None,
                          conditions.steps if conditions is not None else None)

@@ -17,7 +17,7 @@ from tdm_train.errors import IncompatibleFile
 
 MANIFEST_NAME = "engine.json"
 FORMAT = "tdm-engine/1"
-FAMILIES = ("sdxl", "sd15", "pixart", "cogvideox")
+FAMILIES = ("sdxl", "sd15", "pixart", "cogvideox", "sd3")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class TensorSpec:
 class EngineManifest:
     family: str  # one of FAMILIES
     signature: str  # "diffusers" (exported by the CLI) or "comfyui" (exported by the ComfyUI node)
-    prediction_type: str  # epsilon | v_prediction
+    prediction_type: str  # epsilon | v_prediction | flow_prediction (SD3)
     scheduler_config: dict
     timesteps: list[int]
     dtype: str  # fp16 | fp32

@@ -22,6 +22,7 @@ from . import graph
 from .families import DTYPES, ExportShapes, FamilySpec
 from .manifest import EngineManifest
 from tdm_train.errors import IncompatibleFile
+from tdm_train.schedule import NoiseSchedule
 
 from .deps import MissingDependency
 from .runtime import OnnxRuntimeRunner
@@ -147,7 +148,8 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
     export_seconds = time.perf_counter() - started
     counts = graph.optimize(out_dir / "model.onnx", out_dir / "model.opt.onnx", external)
 
-    prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    # as the runtime reads the schedule (a FlowMatch* config states no prediction_type: flow_prediction)
+    prediction_type = NoiseSchedule.from_diffusers_config(scheduler_config).prediction_type
     manifest = EngineManifest(
         family=spec.family, signature=signature, prediction_type=prediction_type, scheduler_config=scheduler_config,
         timesteps=list(timesteps), dtype=dtype, inputs=spec.input_specs, outputs=spec.output_specs,

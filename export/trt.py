@@ -172,7 +172,8 @@ def cmd_onnx(args) -> int:
     student = load_student(args.model, args.lora, args.lora_strength, args.config, args.timesteps, args.num_steps)
     folder = Path(args.model if Path(args.model).is_dir() else args.config)
     factor = vae_scale_factor(folder)
-    defaults = {"sdxl": (1024, 512), "sd15": (512, 512), "pixart": (1024, 512), "cogvideox": None}[student.family]
+    defaults = {"sdxl": (1024, 512), "sd15": (512, 512), "pixart": (1024, 512), "cogvideox": None,
+                "sd3": (1024, 512)}[student.family]
     if student.family == "cogvideox":
         height, width = args.height or (480,) * 3, args.width or (720,) * 3
         frames = args.frames or 49
@@ -184,7 +185,9 @@ def cmd_onnx(args) -> int:
         opt, low = defaults
         height, width = args.height or (low, opt, opt), args.width or (low, opt, opt)
         latent_frames = None
-        text_len = args.text_len or ((120,) * 3 if student.family == "pixart" else (77,) * 3)
+        # one text length for PixArt (T5 at 120) and SD3 (77 CLIP + 256 T5 tokens, as encode_prompt gives them)
+        fixed = {"pixart": 120, "sd3": 77 + 256}.get(student.family)
+        text_len = args.text_len or ((fixed,) * 3 if fixed else (77,) * 3)
     shapes = ExportShapes(batch=args.batch or (1, 1, 4), height=_pixels_to_latent(height, factor, "height"),
                           width=_pixels_to_latent(width, factor, "width"), text_len=text_len, frames=latent_frames)
     spec = family_spec(student.family, student.model, shapes, args.dtype)
@@ -374,7 +377,7 @@ def cmd_generate(args) -> int:
                      for value, flag in ((args.height, "height"), (args.width, "width")))
     shape = student.latent_shape(1, height, width)
     if manifest.family == "sd15":
-        raise ValueError("generate encodes prompts for SDXL, PixArt and CogVideoX exports; sample SD1.x engines "
+        raise ValueError("generate encodes prompts for SDXL, PixArt, CogVideoX and SD3 exports; sample SD1.x engines "
                          "in ComfyUI with the TDM Engine Loader")
     cond, _ = encode_prompts(folder, manifest.family, [args.prompt])
     if manifest.family == "sdxl":

@@ -3,8 +3,9 @@
 Export: a ComfyUI SDXL or SD1.x/2.x MODEL (LoRA patches merged) wrapped so its inputs carry the
 names every TDM export uses (sample, timestep, encoder_hidden_states, add_embeds = ComfyUI's y).
 Load: an engine or ONNX file with its engine.json becomes a ComfyUI MODEL — the right model_base
-for the recorded family, its noise schedule rebuilt from the recorded one, and the network in
-place of ``diffusion_model`` — usable with the TDM sampler, its memory reported to ComfyUI.
+for the recorded family (SD3 exports: ComfyUI's SD3 flow model at the recorded shift), its noise
+schedule rebuilt from the recorded one, and the network in place of ``diffusion_model`` — usable
+with the TDM sampler, its memory reported to ComfyUI.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def comfy_family(model_patcher) -> str:
     if name == "BaseModel" and not base.adm_channels and unet_config.get("context_dim") in (768, 1024):
         return "sd15"
     raise ValueError(f"TDM Export Engine exports SDXL and SD1.x/2.x models; this MODEL is a {name} "
-                     f"({type(base.model_config).__name__}). PixArt-alpha and CogVideoX students export with "
+                     f"({type(base.model_config).__name__}). PixArt-alpha, CogVideoX and SD3 / SD3.5 students export with "
                      "`python -m export.trt onnx` from their diffusers folder.")
 
 
@@ -147,8 +148,21 @@ class EngineDiffusionModel(torch.nn.Module):
                 feeds["add_embeds"] = y[part]
             elif family == "pixart":
                 feeds.update(self._pixart_feeds(context[part], c_size, c_ar, part))
+            elif family == "sd3":
+                feeds["pooled_projections"] = y[part]  # ComfyUI's SD3 y is the pooled CLIP-L + CLIP-G output
+                self._check_sd3_length(context.shape[1])
             outputs.append(self.runner(**feeds))
         return torch.cat(outputs).to(x.device, x.dtype)
+
+    def _check_sd3_length(self, tokens: int) -> None:
+        """SD3's joint attention has no mask, so the text length cannot be padded: it must lie in the
+        export's profile (ComfyUI's SD3 encoders give 77 CLIP + 77 T5 tokens for a short prompt)."""
+        profile = self.manifest.input("encoder_hidden_states").profile
+        low, high = profile["min"][1], profile["max"][1]
+        if not low <= tokens <= high:
+            raise ValueError(f"ComfyUI's text encoders gave {tokens} tokens; this SD3 engine takes {low}-{high} (no "
+                             f"padding: SD3 attends to every token). Export it again with --text-len "
+                             f"{min(low, tokens)}:{tokens}:{max(high, tokens)}")
 
     def _pixart_feeds(self, context, c_size, c_ar, part) -> dict:
         """ComfyUI passes T5 states without a mask; the export takes a fixed length and a mask."""
@@ -178,16 +192,23 @@ def comfy_model(runner, manifest: EngineManifest, load_device, offload_device):
                          "`python -m export.trt generate`")
     context_dim = manifest.conditioning.get("context_dim")
     config_class = {"sdxl": comfy.supported_models.SDXL, "pixart": comfy.supported_models.PixArtAlpha,
-                    "sd15": comfy.supported_models.SD20 if context_dim == 1024 else comfy.supported_models.SD15}[family]
+                    "sd15": comfy.supported_models.SD20 if context_dim == 1024 else comfy.supported_models.SD15,
+                    "sd3": comfy.supported_models.SD3}[family]
     config = config_class(dict(config_class.unet_config, disable_unet_model_creation=True))
     model_type = {"epsilon": comfy.model_base.ModelType.EPS,
-                  "v_prediction": comfy.model_base.ModelType.V_PREDICTION}.get(manifest.prediction_type)
-    if model_type is None:
-        raise ValueError(f"engines with prediction type {manifest.prediction_type!r} are not supported in ComfyUI")
+                  "v_prediction": comfy.model_base.ModelType.V_PREDICTION,
+                  "flow_prediction": comfy.model_base.ModelType.FLOW}.get(manifest.prediction_type)
+    if model_type is None or (model_type == comfy.model_base.ModelType.FLOW) != (family == "sd3"):
+        raise ValueError(f"{family} engines with prediction type {manifest.prediction_type!r} are not supported in "
+                         "ComfyUI")
+    schedule = NoiseSchedule.from_diffusers_config(manifest.scheduler_config)
+    if family == "sd3":  # the recorded flow shift, not the family's default (model_sampling reads it at creation)
+        config.sampling_settings = {**config.sampling_settings, "shift": schedule.shift}
     base_class = {"sdxl": comfy.model_base.SDXL, "pixart": comfy.model_base.PixArt,
-                  "sd15": comfy.model_base.BaseModel}[family]
+                  "sd15": comfy.model_base.BaseModel, "sd3": comfy.model_base.SD3}[family]
     base = base_class(config, model_type=model_type, device=load_device)
-    _use_recorded_schedule(base.model_sampling, manifest)
+    if family != "sd3":
+        _use_recorded_schedule(base.model_sampling, manifest)
     base.diffusion_model = EngineDiffusionModel(runner, manifest)
     base.memory_required = lambda *args, **kwargs: 0  # the engine's activations are in its reported size
     return comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device,

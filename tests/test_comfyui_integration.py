@@ -549,8 +549,8 @@ def test_export_node_refuses_paths_outside_models_tensorrt_and_names_missing_ten
 
 
 def test_engine_loader_models_reproduce_the_exported_network_under_comfyuis_apply_model(tmp_path):
-    """Runs in ComfyUI's Python (no server): tiny SDXL and PixArt-alpha (1024-type, with micro-
-    conditions) exports become ComfyUI models whose schedule is the recorded one and whose
+    """Runs in ComfyUI's Python (no server): tiny SDXL, PixArt-alpha (1024-type, with micro-
+    conditions) and SD3.5-shaped exports become ComfyUI models whose schedule is the recorded one and whose
     apply_model (sigma space, ComfyUI's y / c_size / c_ar, unpadded T5 states) gives the x0 of
     the exported network computed directly."""
     import onnxruntime  # noqa: F401
@@ -559,13 +559,16 @@ def test_engine_loader_models_reproduce_the_exported_network_under_comfyuis_appl
     from tdm_train.tiny_models import PIXART_SCHEDULER_CONFIG, SDXL_SCHEDULER_CONFIG
     from tdm_train.tiny_models import tiny_pixart_transformer, tiny_sdxl_unet
 
+    from tdm_train.tiny_models import SD3_SCHEDULER_CONFIG, tiny_sd3_transformer
+
     folders = []
-    for family, model, scheduler, text in (("sdxl", tiny_sdxl_unet(), SDXL_SCHEDULER_CONFIG, (8, 8, 16)),
-                                           ("pixart", tiny_pixart_transformer(128), PIXART_SCHEDULER_CONFIG,
-                                            (16, 16, 16))):
+    for family, model, scheduler, text, grid in (
+            ("sdxl", tiny_sdxl_unet(), SDXL_SCHEDULER_CONFIG, (8, 8, 16), [899, 674, 449, 224]),
+            ("pixart", tiny_pixart_transformer(128), PIXART_SCHEDULER_CONFIG, (16, 16, 16), [899, 674, 449, 224]),
+            ("sd3", tiny_sd3_transformer(), {**SD3_SCHEDULER_CONFIG, "shift": 2.5}, (12, 12, 12), [999, 749, 499, 249])):
         shapes = ExportShapes(batch=(1, 2, 2), height=(8, 8, 8), width=(8, 8, 8), text_len=text)
         export_onnx(family_spec(family, model, shapes, "fp32"), tmp_path / family, dtype="fp32", shapes=shapes,
-                    scheduler_config=scheduler, timesteps=[899, 674, 449, 224])
+                    scheduler_config=scheduler, timesteps=grid)
         folders.append(str(tmp_path / family))
     run = subprocess.run(
         [COMFYUI_PYTHON, str(ROOT / "tests" / "comfyui" / "check_engine_loader_in_comfy.py"), str(ROOT), *folders],
@@ -573,9 +576,9 @@ def test_engine_loader_models_reproduce_the_exported_network_under_comfyuis_appl
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    sdxl, pixart = out[folders[0]], out[folders[1]]
-    assert sdxl["comfy_class"] == "SDXL" and pixart["comfy_class"] == "PixArt"
-    for result in (sdxl, pixart):
+    sdxl, pixart, sd3 = out[folders[0]], out[folders[1]], out[folders[2]]
+    assert sdxl["comfy_class"] == "SDXL" and pixart["comfy_class"] == "PixArt" and sd3["comfy_class"] == "SD3"
+    for result in (sdxl, pixart, sd3):  # SD3: the recorded shift 2.5 (not SD3's default 3) in ComfyUI's sigmas
         assert result["sigma_max_rel_diff"] < 1e-4  # ComfyUI's sigmas are the recorded schedule's
         assert result["x0_max_abs_diff"] < 1e-4 * max(1.0, result["x0_scale"]), result
         assert result["model_size"] == result["runner_bytes"] > 0  # the engine's size reaches ComfyUI

@@ -34,8 +34,9 @@ def check(engine_models, folder: Path) -> dict:
     comfy.model_management.load_models_gpu([patcher])
 
     schedule = NoiseSchedule.from_diffusers_config(manifest.scheduler_config)
-    ours = torch.tensor([float(schedule.sigmas[t] / schedule.alphas[t]) for t in manifest.timesteps])
-    theirs = torch.stack([base.model_sampling.sigma(torch.tensor(float(t))) for t in manifest.timesteps]).double()
+    flow = manifest.family == "sd3"  # ComfyUI's flow sigma is sigma_t itself; VP models' is sigma_t / alpha_t
+    ours = torch.tensor([float(schedule.sigmas[t] / (1 if flow else schedule.alphas[t])) for t in manifest.timesteps])
+    theirs = base.model_sampling.sigmas.double()[torch.tensor(manifest.timesteps)]  # the table the scheduler reads
 
     gen = torch.Generator().manual_seed(0)
     sample = manifest.input("sample").profile["opt"]
@@ -48,6 +49,10 @@ def check(engine_models, folder: Path) -> dict:
     if manifest.family == "sdxl":
         extra["y"] = cond["add_embeds"] = torch.randn(sample[0], manifest.input("add_embeds").shape[1], generator=gen)
         cond["prompt_embeds"] = context
+    elif flow:
+        extra["y"] = cond["pooled_prompt_embeds"] = torch.randn(sample[0], manifest.input("pooled_projections").shape[1],
+                                                                generator=gen)
+        cond["prompt_embeds"] = context
     elif manifest.family == "pixart":
         height, width = sample[2] * 8.0, sample[3] * 8.0
         extra["c_size"], extra["c_ar"] = torch.tensor([[height, width]]), torch.tensor([[height / width]])
@@ -56,7 +61,8 @@ def check(engine_models, folder: Path) -> dict:
     with torch.no_grad():
         denoised = base.apply_model(x, sigma, c_crossattn=context, **extra)  # ComfyUI's x0 (calculate_denoised)
         t = torch.full((sample[0],), manifest.timesteps[0])
-        expected = ExportedStudent(runner).x0(x / (1 + sigma[0] ** 2).sqrt(), t, cond)
+        state = x if flow else x / (1 + sigma[0] ** 2).sqrt()  # the library's x_t (flow: x_t itself)
+        expected = ExportedStudent(runner).x0(state, t, cond)
     return {
         "family": manifest.family,
         "comfy_class": type(base).__name__,

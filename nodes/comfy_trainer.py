@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tdm_train.backends.base import Backend, Condition
+from tdm_train.presets import RECORDED_GRID_OPTION
 from tdm_train.schedule import NoiseSchedule
 from tdm_train.lora.weight_wrappers import WeightLoraRoles, lora_targets
 from tdm_train.training.trainer import SingleProcess, TDMTrainer, TrainingStopped
@@ -359,6 +360,7 @@ def train_in_comfyui(model, clip, prompts, negative_prompt, width, height, confi
         patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
         student = model.clone()
         student.add_patches(patches, 1.0)
+        student.model_options[RECORDED_GRID_OPTION] = list(trainer.objective.timesteps)  # preset "recorded"
         conditions = trainer.student_conditions()
         if conditions is not None:
             from .step_condition import attach

@@ -13,6 +13,7 @@ import folder_paths
 from tdm_train.errors import unsafe_pickle
 from tdm_train.lora.metadata import describe_unmatched, recommend
 from tdm_train.lora.step_embedding import StepConditions, without_step_condition
+from tdm_train.presets import RECORDED_GRID_OPTION
 
 from .positional_lora import convert_for_model, read_positional_list
 from .sampling import CATEGORY
@@ -45,6 +46,18 @@ def _collect_not_loaded():
         yield handler.keys
     finally:
         root.removeHandler(handler)
+
+
+def remember_grid(patched, metadata: dict) -> None:
+    """The LoRA's trained timesteps (tdm.timesteps) on the MODEL, for the samplers' preset "recorded"."""
+    import json
+
+    try:
+        grid = json.loads(metadata.get("tdm.timesteps", "null"))
+    except (json.JSONDecodeError, TypeError):
+        return
+    if isinstance(grid, list) and grid and all(isinstance(t, int) for t in grid):
+        patched.model_options[RECORDED_GRID_OPTION] = grid
 
 
 def _read_lora(model, lora_name: str) -> tuple[dict, dict | None, str | None]:
@@ -101,6 +114,7 @@ def apply_tdm_lora(model, lora_name: str, strength_source: str, strength: float)
         )
     patched = model.clone()
     patched.add_patches(patches, applied)
+    remember_grid(patched, metadata)
     lines = [f"{lora_name}: strength {applied:g} ({source}); {len(patches)} weights patched"]
     if conversion:
         lines.append(conversion)

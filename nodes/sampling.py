@@ -13,7 +13,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 import latent_preview
-from tdm_train.presets import PRESETS, sampling_grid
+from tdm_train.presets import PRESETS, RECORDED_GRID_OPTION, sampling_grid
 from tdm_train.sampler import sample_tdm
 
 from .sigmas import grid_sigmas, starts_from_pure_noise
@@ -70,7 +70,8 @@ def _grid_inputs():
         io.Combo.Input("preset", options=list(PRESETS), default="tdm_uniform",
                        tooltip="tdm_uniform: t_k = k*total_steps//steps - 1 (899/674/449/224); cogvideox: "
                                "999/856/665/399; flow_shifted: SD3/SD3.5 LoRAs (flow sigmas with shift); "
-                               "custom: the comma list below"),
+                               "custom: the comma list below; recorded: the grid the TDM LoRA on this model was "
+                               "trained on (TDM LoRA Loader / TDM Train LoRA)"),
         io.Int.Input("steps", default=4, min=1, max=8, tooltip="student steps K (tdm_uniform, flow_shifted)"),
         io.Int.Input("total_steps", default=900, min=1, max=1000, tooltip="T_s of the uniform grid (TDM demo: 900)"),
         io.Float.Input("shift", default=6.0, min=0.1, max=20.0, step=0.1,
@@ -89,8 +90,13 @@ def _denoise_input():
                           tooltip="img2img: keep only trained timesteps at or below this noise level")
 
 
+def recorded_grid(model) -> list[int] | None:
+    """The trained grid the TDM LoRA Loader / TDM Train LoRA put on this MODEL (None if none)."""
+    return model.model_options.get(RECORDED_GRID_OPTION)
+
+
 def _sigmas(model, preset, steps, total_steps, shift, custom_timesteps, denoise) -> torch.Tensor:
-    grid = sampling_grid(preset, steps, total_steps, shift, custom_timesteps, denoise)
+    grid = sampling_grid(preset, steps, total_steps, shift, custom_timesteps, denoise, recorded=recorded_grid(model))
     return grid_sigmas(model.get_model_object("model_sampling"), grid)
 
 
@@ -159,7 +165,7 @@ class TDMKSampler(io.ComfyNode):
         if negative is None and cfg != 1.0:
             raise ValueError(f"TDM KSampler: cfg {cfg} needs a negative conditioning (or set cfg to 1.0)")
         sigmas = _sigmas(model, preset, steps, total_steps, shift, custom_timesteps, denoise)
-        full_grid = sampling_grid(preset, steps, total_steps, shift, custom_timesteps, 1.0)
+        full_grid = sampling_grid(preset, steps, total_steps, shift, custom_timesteps, 1.0, recorded=recorded_grid(model))
         num_steps = len(full_grid.timesteps or full_grid.sigmas)  # img2img: the K of the grid it cuts
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])

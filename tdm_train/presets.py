@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from .timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
-PRESETS = ("tdm_uniform", "cogvideox", "flow_shifted", "custom")
+PRESETS = ("tdm_uniform", "cogvideox", "flow_shifted", "custom", "recorded")
+# where the ComfyUI nodes keep the grid a loaded TDM LoRA was trained on (its tdm.timesteps), on the MODEL
+RECORDED_GRID_OPTION = "tdm_recorded_timesteps"
 
 
 def flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> list[float]:
@@ -64,10 +66,12 @@ def sampling_grid(
     custom: str = "",
     denoise: float = 1.0,
     num_train_timesteps: int = 1000,
+    recorded: tuple[int, ...] | list[int] | None = None,
 ) -> SamplingGrid:
     """The grid a preset describes, cut for img2img: with ``denoise`` < 1 only the trained
     points at or below that noise level are kept ((t + 1) / T <= denoise for timesteps,
-    sigma <= denoise for flow sigmas), so the student still only sees timesteps it was trained on."""
+    sigma <= denoise for flow sigmas), so the student still only sees timesteps it was trained on.
+    ``recorded``: the grid of the TDM LoRA the model carries (preset "recorded")."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
     if not 0.0 < denoise <= 1.0:
@@ -81,6 +85,12 @@ def sampling_grid(
         grid = tdm_timesteps(steps, total_steps, num_train_timesteps=num_train_timesteps)
     elif preset == "cogvideox":
         grid = list(COGVIDEOX_TIMESTEPS)
+    elif preset == "recorded":
+        if not recorded:
+            raise ValueError("preset 'recorded': this MODEL carries no TDM LoRA grid (load the LoRA with the TDM LoRA "
+                             "Loader, or use TDM Train LoRA's model output), or the LoRA records none: pick "
+                             "tdm_uniform / custom")
+        grid = validate_timesteps(list(recorded), num_train_timesteps)
     else:
         grid = parse_timestep_list(custom, num_train_timesteps)
     kept = [t for t in grid if (t + 1) / num_train_timesteps <= denoise + 1e-9]

@@ -66,6 +66,26 @@ def test_the_schedule_is_diffusers_sigma_table_and_the_network_is_fed_sigma_time
     torch.testing.assert_close(step, x + (0.75 - 0.9) * velocity, atol=1e-5, rtol=0)
 
 
+def test_the_default_targets_are_the_official_releases_whose_names_comfyui_takes_at_full_size():
+    """tests/test_convert.py checks every LoRA module name of these targets on the full SD3.5-Medium
+    architecture (meta device) against ComfyUI's SD3 key map; the trainer writes the same names."""
+    from tdm_train.convert import RELEASES
+
+    assert set(SD3Backend.default_lora_targets) == set(RELEASES["tdm-sd3.5-medium"].targets)
+
+
+def test_min_snr_weighting_on_flow_is_min_of_the_flow_snr_and_gamma():
+    """The fake score's x0-loss weight (TDM_SPEC's Min-SNR-5) on rectified flow: min(((1 - s) / s)^2, 5)."""
+    from tdm_train.objectives import min_snr_weight
+
+    backend = _backend()
+    t = torch.tensor([999, 749, 499, 249, 49])
+    sigma = backend.schedule.sigma(t)
+    expected = torch.minimum(((1 - sigma) / sigma) ** 2, torch.tensor(5.0, dtype=sigma.dtype))
+    torch.testing.assert_close(min_snr_weight(backend.schedule, t, 5.0), expected)
+    assert float(min_snr_weight(backend.schedule, t, 5.0)[0]) == 0.0  # pure noise carries no x0 signal
+
+
 def test_a_ddpm_scheduler_config_is_refused():
     with pytest.raises(ValueError, match="flow-matching scheduler"):
         SD3Backend(_transformer("sd3"), {"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear"}, {}, 64)

@@ -758,4 +758,6 @@ def test_train_node_distils_a_comfyui_sd35_model_on_its_flow_grid(tmp_path):
     assert out["patched"] == len(out["modules"]) and out["not_loaded"] == []
     assert "strength 1 (metadata tdm.lora_strength)" in out["loader_summary"]
     assert out["sigmas"] == [1.0, 0.9, 0.75, 0.5, 0.0]
+    assert out["recorded_sigmas"] == {"loader": out["sigmas"], "trainer": out["sigmas"]}  # total_steps 900 ignored
+    assert "carries no TDM LoRA grid" in out["recorded_on_base"]
     assert out["finite"] and out["student_vs_base"] > 1e-4 and out["student_vs_loaded"] < 1e-5

@@ -126,3 +126,13 @@ def test_unmatched_key_report_lists_the_keys():
     text = describe_unmatched(keys, 40)
     assert text.startswith("20 of 40 LoRA keys matched no weight of this model: ")
     assert "lora_te_text_model_0.lora_up.weight" in text and "(+8 more)" in text
+
+
+def test_recorded_preset_is_the_grid_the_loaded_lora_was_trained_on():
+    grid = sampling_grid("recorded", recorded=[999, 749, 499, 249])
+    assert grid.timesteps == (999, 749, 499, 249)
+    assert sampling_grid("recorded", denoise=0.5, recorded=[999, 749, 499, 249]).timesteps == (499, 249)
+    with pytest.raises(ValueError, match="carries no TDM LoRA grid"):
+        sampling_grid("recorded")
+    with pytest.raises(ValueError):
+        sampling_grid("recorded", recorded=[249, 999])  # not a valid (decreasing) grid

@@ -86,6 +86,14 @@ def main():
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
     sigmas = sampling.TDMScheduler.execute(model, "tdm_uniform", 4, 1000, 6.0, "", 1.0).args[0]
     out["sigmas"] = [round(float(s), 6) for s in sigmas]
+    # preset "recorded": the grid the LoRA on the MODEL was trained on (loader and trainer outputs alike)
+    out["recorded_sigmas"] = {name: [round(float(s), 6) for s in sampling.TDMScheduler.execute(
+        patched, "recorded", 4, 900, 6.0, "", 1.0).args[0]] for name, patched in (("loader", loaded), ("trainer", student))}
+    try:
+        sampling.TDMScheduler.execute(model, "recorded", 4, 900, 6.0, "", 1.0)
+        out["recorded_on_base"] = "accepted"
+    except ValueError as error:
+        out["recorded_on_base"] = str(error)
 
     def ksampler(patched):
         return sampling.TDMKSampler.execute(patched, positive, latent, 7, "tdm_uniform", 4, 1000, 6.0, "",

@@ -2,7 +2,10 @@
 UNet architecture: our one-base layout against the official demo's three-model layout, each
 measured in its own fresh subprocess, side by side in one run.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/trainer_memory.py [--full-width]
+    PYTHONPATH=. .venv/bin/python benchmarks/trainer_memory.py [--full-width] [--forwards-only]
+
+It first prints the network evaluations per iteration of every backend (SDXL, PixArt-alpha,
+CogVideoX, SD3, SD3.5 on tiny models: the count does not depend on the size).
 
 Layouts (both on ``UNet2DConditionModel`` built from the real SDXL config, random weights):
   ours      the real ``TDMTrainer`` with the SDXL backend and peft roles, as ``python -m tdm_train``
@@ -192,6 +195,72 @@ def worker(args) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- network evaluations
+def forward_counts(iterations: int = 3) -> list[dict]:
+    """Network evaluations (denoiser forward calls) per TDMTrainer iteration for every backend, on
+    the tiny models of tdm_train.tiny_models (the count does not depend on the size), CFG on (the
+    teacher's cond + uncond batched into one call), counted with a forward hook."""
+    import torch
+
+    from tdm_train.backends import CogVideoXBackend, PixArtBackend, SD3Backend, SDXLBackend
+    from tdm_train.distill import TDMConfig
+    from tdm_train.schedule import SDXL_SCHEDULER_CONFIG
+    from tdm_train.tiny_models import (COGVIDEOX_2B_SCHEDULER_CONFIG, PIXART_SCHEDULER_CONFIG, SD3_SCHEDULER_CONFIG,
+                                       tiny_cogvideox_transformer, tiny_pixart_transformer, tiny_sd3_transformer,
+                                       tiny_sdxl_unet)
+    from tdm_train.training.trainer import TDMTrainer, TrainConfig
+
+    gen = torch.Generator().manual_seed(0)
+    sdxl_bank = {"prompt_embeds": torch.randn(2, 8, 64, generator=gen), "text_embeds": torch.randn(2, 32, generator=gen),
+                 "time_ids": torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]]).repeat(2, 1)}
+    pixart_bank = {"prompt_embeds": torch.randn(2, 6, 32, generator=gen), "prompt_attention_mask": torch.ones(2, 6)}
+    cog_bank = {"prompt_embeds": torch.randn(2, 16, 32, generator=gen)}
+    sd3_bank = {"prompt_embeds": torch.randn(2, 5, 48, generator=gen), "pooled_prompt_embeds": torch.randn(2, 32, generator=gen)}
+    first = lambda bank: {k: v[:1] for k, v in bank.items()}  # noqa: E731  (a negative of the bank's shapes)
+    cases = [
+        ("sdxl", "DDPM (eps)", SDXLBackend(tiny_sdxl_unet(), SDXL_SCHEDULER_CONFIG, resolution=64), sdxl_bank, 900),
+        ("pixart", "DDPM (eps, learned sigma)", PixArtBackend(tiny_pixart_transformer(), PIXART_SCHEDULER_CONFIG,
+                                                              first(pixart_bank), resolution=64), pixart_bank, 900),
+        ("cogvideox", "DDPM (v, zero terminal SNR)", CogVideoXBackend(
+            tiny_cogvideox_transformer(), COGVIDEOX_2B_SCHEDULER_CONFIG, first(cog_bank), height=16, width=16,
+            frames=9), cog_bank, 900),
+        ("sd3", "rectified flow", SD3Backend(tiny_sd3_transformer(False), SD3_SCHEDULER_CONFIG, first(sd3_bank), 64),
+         sd3_bank, 1000),
+        ("sd3.5", "rectified flow", SD3Backend(tiny_sd3_transformer(True), SD3_SCHEDULER_CONFIG, first(sd3_bank), 64),
+         sd3_bank, 1000),
+    ]
+    rows = []
+    for name, schedule, backend, bank, total in cases:
+        calls = []
+        backend.model.register_forward_hook(lambda module, args, output: calls.append(1))
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = TDMTrainer(backend, bank, TrainConfig(output_dir=tmp, max_train_steps=10, train_batch_size=2,
+                                                            lora_rank=4, lora_alpha=8,
+                                                            tdm=TDMConfig(total_steps=total, guidance_scale=4.5)))
+            counts = []
+            for _ in range(iterations):
+                calls.clear()
+                trainer.train_step()
+                counts.append(len(calls))
+        rows.append({"backend": name, "schedule": schedule, "grid": trainer.objective.timesteps, "counts": counts})
+    return rows
+
+
+def print_forward_counts(rows: list[dict]) -> None:
+    print("Network evaluations per TDM iteration (denoiser forward calls, CFG 4.5 batched; tiny models, counted "
+          "with a forward hook)\n")
+    print("| backend | schedule | grid | forwards per iteration | target |")
+    print("|---|---|---|---:|---|")
+    ddpm = max(max(r["counts"]) for r in rows if not r["backend"].startswith("sd3"))
+    for r in rows:
+        counts = ", ".join(map(str, r["counts"]))
+        target = (f"<= DDPM backends' {ddpm}: {'met' if max(r['counts']) <= ddpm else 'NOT met'}"
+                  if r["backend"].startswith("sd3") else "")
+        print(f"| {r['backend']} | {r['schedule']} | {'/'.join(map(str, r['grid']))} | {counts} | {target} |")
+    print()
+    sys.stdout.flush()
+
+
 # ----------------------------------------------------------------------------- driver
 def run_worker(args, layout: str, policy: str, divisor: int, resolution: int, iterations: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -232,6 +301,8 @@ def main() -> int:
     parser.add_argument("--full-resolution", type=int, default=128)
     parser.add_argument("--full-iterations", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="one thread: OpenMP threads on a shared, oversubscribed CPU stall each other")
+    parser.add_argument("--forwards-only", action="store_true",
+                        help="only the network-evaluations table (every backend on tiny models, seconds)")
     parser.add_argument("--worker", choices=("ours", "official"), help=argparse.SUPPRESS)
     parser.add_argument("--policy", default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -240,6 +311,9 @@ def main() -> int:
         Path(args.json_out).write_text(json.dumps(worker(args)))
         return 0
 
+    print_forward_counts(forward_counts())
+    if args.forwards_only:
+        return 0
     policies = [p for p in args.policies.split(",") if p]
     results = {"ours": run_worker(args, "ours", "bf16", args.width_divisor, args.resolution, args.iterations)}
     for policy in policies:

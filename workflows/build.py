@@ -122,6 +122,20 @@ def _tdm_grid(preset="tdm_uniform", steps=4, total_steps=900, shift=6.0, custom=
     return {"preset": preset, "steps": steps, "total_steps": total_steps, "shift": shift, "custom_timesteps": custom}
 
 
+def _train_widgets(lora_name: str, custom: str) -> dict:
+    """TDM Train LoRA at 1024 px: 500 steps, rank 32 / alpha 64, the paper's 4-step uniform grid, auto guidance."""
+    return {
+        "prompts": "a photograph of an astronaut riding a horse\na watercolor painting of a fox in a snowy "
+                   "forest\na portrait of an old fisherman, dramatic light\na futuristic city at night, "
+                   "neon reflections on wet streets",
+        "prompts_file": "(none)", "negative_prompt": "", "width": 1024, "height": 1024, "steps": 500,
+        "batch_size": 1, "generator_learning_rate": 2e-5, "fake_learning_rate": 1e-4, "lora_rank": 32,
+        "lora_alpha": 64.0, "grid": "tdm_uniform", "num_steps": 4, "custom_timesteps": custom,
+        "training_cfg": 0.0, "loss": "mse", "tau_mode": "separate", "unify_steps": "", "seed": 0,
+        "gradient_checkpointing": True, "training_dtype": "bf16", "lora_name": lora_name,
+        "resume": False, "checkpoint_every": 100}
+
+
 def _note(node_id: int, text: str, pos) -> Node:
     return Node(node_id, "Note", {"text": text}, pos=pos, title="Read me")
 
@@ -275,16 +289,7 @@ def workflows() -> list[Workflow]:
         "Distil the loaded SDXL checkpoint into a 4-step TDM LoRA, then sample it",
         [
             Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, pos=(40, 80)),
-            Node(2, "TDMTrainLoRA", {
-                "prompts": "a photograph of an astronaut riding a horse\na watercolor painting of a fox in a snowy "
-                           "forest\na portrait of an old fisherman, dramatic light\na futuristic city at night, "
-                           "neon reflections on wet streets",
-                "prompts_file": "(none)", "negative_prompt": "", "width": 1024, "height": 1024, "steps": 500,
-                "batch_size": 1, "generator_learning_rate": 2e-5, "fake_learning_rate": 1e-4, "lora_rank": 32,
-                "lora_alpha": 64.0, "grid": "tdm_uniform", "num_steps": 4, "custom_timesteps": "899, 674, 449, 224",
-                "training_cfg": 0.0, "loss": "mse", "tau_mode": "separate", "unify_steps": "", "seed": 0,
-                "gradient_checkpointing": True, "training_dtype": "bf16", "lora_name": "tdm_sdxl_student",
-                "resume": False, "checkpoint_every": 100},
+            Node(2, "TDMTrainLoRA", _train_widgets("tdm_sdxl_student", "899, 674, 449, 224"),
                  {"model": (1, 0), "clip": (1, 1)}, pos=(420, 80)),
             Node(3, "CLIPTextEncode", {"text": PROMPT}, {"clip": (1, 1)}, pos=(800, 300)),
             Node(4, "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(800, 520)),
@@ -372,16 +377,7 @@ def workflows() -> list[Workflow]:
         "Distil SD3.5-Medium into a 4-step TDM LoRA (flow matching), then sample it",
         [
             *sd35_loaders(),
-            Node(3, "TDMTrainLoRA", {
-                "prompts": "a photograph of an astronaut riding a horse\na watercolor painting of a fox in a snowy "
-                           "forest\na portrait of an old fisherman, dramatic light\na futuristic city at night, "
-                           "neon reflections on wet streets",
-                "prompts_file": "(none)", "negative_prompt": "", "width": 1024, "height": 1024, "steps": 500,
-                "batch_size": 1, "generator_learning_rate": 2e-5, "fake_learning_rate": 1e-4, "lora_rank": 32,
-                "lora_alpha": 64.0, "grid": "tdm_uniform", "num_steps": 4, "custom_timesteps": "999, 749, 499, 249",
-                "training_cfg": 0.0, "loss": "mse", "tau_mode": "separate", "unify_steps": "", "seed": 0,
-                "gradient_checkpointing": True, "training_dtype": "bf16", "lora_name": "tdm_sd35_medium_student",
-                "resume": False, "checkpoint_every": 100},
+            Node(3, "TDMTrainLoRA", _train_widgets("tdm_sd35_medium_student", "999, 749, 499, 249"),
                  {"model": (1, 0), "clip": (2, 0)}, pos=(420, 80)),
             Node(4, "CLIPTextEncode", {"text": PROMPT}, {"clip": (2, 0)}, pos=(800, 300)),
             Node(5, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, pos=(800, 520)),

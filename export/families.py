@@ -57,6 +57,20 @@ class ExportShapes:
                 points.append(point)
         return points
 
+    def bounded_points(self) -> list[dict[str, int]]:
+        """The CPU validation plan, whose cost is at most about twice one call at the opt shape: opt;
+        the smallest size at the largest batch (batch and text length change, at the cheapest size);
+        the largest size at batch 1. Every dynamic axis still moves away from opt at least once, so
+        a baked-in shape still shows up, without running the profile's most expensive corner
+        (largest batch at largest size: 4 x 1024 px for the default SDXL profile)."""
+        points = []
+        for batch, size, text in ((1, 1, 1), (2, 0, 2), (0, 2, 0)):
+            point = {"batch": self.batch[batch], "height": self.height[size], "width": self.width[size],
+                     "text_len": self.text_len[text]}
+            if point not in points:
+                points.append(point)
+        return points
+
 
 # ----------------------------------------------------------------------------- wrappers
 class _PrecomputedTimeEmbeds(torch.nn.Module):

@@ -94,8 +94,46 @@ def _dynamic_shapes(spec: FamilySpec) -> tuple:
 
 
 def _record_failure(manifest: EngineManifest, out_dir: Path, reason: str) -> None:
-    manifest.validation = {"runtime": "onnxruntime-cpu", "passed": False, "error": reason}
+    manifest.validation = {"runtime": "onnxruntime", "passed": False, "error": reason}
     manifest.save(out_dir)
+
+
+def resolve_provider(provider: str) -> str:
+    """"auto" -> "cuda" when ONNX Runtime has its CUDA provider here, else "cpu"."""
+    if provider != "auto":
+        return provider
+    try:
+        import onnxruntime
+    except ImportError:
+        return "cpu"  # the runner names the missing package
+    return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+
+
+def validation_plan(shapes: ExportShapes, provider: str) -> tuple[list[dict[str, int]], str]:
+    """(the shapes to validate at, the plan in words)."""
+    if provider == "cuda":
+        return shapes.points(), "CUDA: the opt, min and max corners of the profile"
+    return shapes.bounded_points(), ("CPU, bounded: the opt shape, the smallest size at the largest batch, the "
+                                     "largest size at batch 1")
+
+
+def _describe(point: dict[str, int]) -> str:
+    return f"batch {point['batch']}, {point['height']}x{point['width']} latent, {point['text_len']} tokens"
+
+
+class _Phases:
+    """One progress line per phase: what starts, then its seconds (and a note) when it ends."""
+
+    def __init__(self, log):
+        self.log, self.what, self.since = log, "", 0.0
+
+    def start(self, what: str) -> None:
+        self.what, self.since = what, time.perf_counter()
+        self.log(f"{what} ...")
+
+    def done(self, note: str = "") -> None:
+        seconds = time.perf_counter() - self.since
+        self.log(f"  {seconds:.1f} s" + (f": {note}" if note else ""))
 
 
 def _on(parameter: torch.Tensor, case: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
@@ -107,11 +145,16 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
                 timesteps: list[int], signature: str = "diffusers", source: dict | None = None,
                 opset: int | None = None, exporter: str = "torchscript", external_data: str = "auto",
                 tolerance: Tolerance | None = None, threads: int | None = None, num_steps: int | None = None,
-                unify_steps: list[int] | None = None) -> EngineManifest:
+                unify_steps: list[int] | None = None, provider: str = "auto", log=None) -> EngineManifest:
     """Writes ``model.onnx`` (+ ``.data``), ``model.opt.onnx`` and ``engine.json`` into ``out_dir``.
     The reference outputs are taken from the module as it comes (float32 from the CLI; a ComfyUI
     model in its own dtype and device) before it is cast to ``dtype``. Raises :class:`ValidationFailed` (after writing the manifest with the figures)
-    when ONNX Runtime is out of tolerance."""
+    when ONNX Runtime is out of tolerance.
+
+    Validation runs on ``provider`` ("auto": CUDA when onnxruntime-gpu has a device there, else the
+    CPU). On CUDA it covers every corner of the profile; on the CPU it follows
+    :meth:`ExportShapes.bounded_points` (its cost bounded at about two opt-shape calls), and says so
+    in the output and in ``engine.json``. ``log(message)`` gets one line per phase with its time."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter {exporter!r}: expected one of {EXPORTERS}")
     opset = opset or DEFAULT_OPSET[exporter]
@@ -122,14 +165,19 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
     out_dir.mkdir(parents=True, exist_ok=True)
     tolerance = tolerance or TOLERANCES[dtype]
     started = time.perf_counter()
+    log = log or (lambda message: None)
+    provider = resolve_provider(provider)
+    points, plan = validation_plan(shapes, provider)
 
     # reference outputs of the model as it comes, at every validation shape
+    phase = _Phases(log)
+    phase.start(f"PyTorch reference outputs at {len(points)} shape(s) ({plan})")
     generator = torch.Generator().manual_seed(0)
-    points = shapes.points()
     cases = [spec.example_inputs(point, generator) for point in points]
     parameter = next(spec.module.parameters())
     with torch.no_grad():
         references = [spec.module(*_on(parameter, case, spec.input_names)).float().cpu() for case in cases]
+    phase.done()
 
     spec.module.to(DTYPES[dtype])
     # torch.export specialises a batch of 1 (expand/broadcast guards); trace dynamo at batch 2 when allowed
@@ -141,12 +189,18 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
+        phase.start(f"tracing the {spec.family} network ({exporter}, opset {opset}, {dtype})")
         _torch_export(spec, export_inputs, staging / "model.onnx", opset, exporter)
+        phase.done()
+        phase.start("saving model.onnx")
         external = graph.consolidate(staging / "model.onnx", out_dir / "model.onnx", external_data)
+        phase.done("with external data" if external else "")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     export_seconds = time.perf_counter() - started
+    phase.start("folding constants and cleaning up the graph (polygraphy, onnx-graphsurgeon) -> model.opt.onnx")
     counts = graph.optimize(out_dir / "model.onnx", out_dir / "model.opt.onnx", external)
+    phase.done(f"{counts.get('nodes_optimized', '?')} nodes")
 
     # as the runtime reads the schedule (a FlowMatch* config states no prediction_type: flow_prediction)
     prediction_type = NoiseSchedule.from_diffusers_config(scheduler_config).prediction_type
@@ -164,14 +218,15 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
     manifest.save(out_dir)  # before validation, so a failing export can still be inspected
 
     try:
-        runner = OnnxRuntimeRunner(out_dir / manifest.onnx, manifest, provider="cpu", threads=threads)
+        runner = OnnxRuntimeRunner(out_dir / manifest.onnx, manifest, provider=provider, threads=threads)
     except (MissingDependency, FileNotFoundError):
         raise
     except Exception as error:  # onnxruntime's own exception types
         _record_failure(manifest, out_dir, f"ONNX Runtime cannot load it: {error}")
         raise ValidationFailed(f"{out_dir}: ONNX Runtime cannot load the {exporter} export: {error}") from error
     results, problems = [], []
-    for point, case, reference in zip(points, cases, references):
+    for index, (point, case, reference) in enumerate(zip(points, cases, references), 1):
+        phase.start(f"validating on ONNX Runtime ({provider.upper()}) at {_describe(point)} ({index} of {len(points)})")
         try:
             output = runner(**case)
         except Exception as error:
@@ -180,9 +235,10 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
                                    f"shape?): {error}") from error
         stats = compare(reference, output)
         failures = stats.failures(tolerance)
+        phase.done(f"cosine {stats.cosine:.6f}, max |err| {stats.max_abs:.3g}: {'ok' if not failures else 'OUT OF TOLERANCE'}")
         results.append({"shape": point, **stats.as_dict(), "passed": not failures})
         problems += [f"at {point}: {f}" for f in failures]
-    manifest.validation = {"runtime": "onnxruntime-cpu", "reference": "pytorch-float32",
+    manifest.validation = {"runtime": f"onnxruntime-{provider}", "reference": "pytorch-float32", "plan": plan,
                            "tolerance": {k: v for k, v in vars(tolerance).items()}, "cases": results,
                            "passed": not problems}
     manifest.save(out_dir)

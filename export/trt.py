@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from tdm_train.errors import (  # noqa: F401  (the exit codes, re-exported for scripts and tests)
@@ -47,11 +48,13 @@ def _add_shape_flags(parser: argparse.ArgumentParser, required: bool = False) ->
     shape = parser.add_argument_group("profile (MIN:OPT:MAX or one value for a static axis; sizes in pixels)")
     shape.add_argument("--batch", type=_range, help="batch size range (default 1:1:4; few-step students run without "
                        "CFG, so 1 is the usual optimum)")
-    shape.add_argument("--height", type=_range, help="image height range in pixels (default 512:1024:1024 for SDXL "
-                       "and PixArt, 512 for SD1.5, 480 for CogVideoX (static))")
+    shape.add_argument("--height", type=_range, help="image height range in pixels (default: the model's own size as "
+                       "opt and max, half of it as min, from its config's sample_size x the VAE factor: 512:1024:1024 "
+                       "for SDXL, PixArt-1024 and SD3, 256:512:512 for SD1.5; CogVideoX 480, static)")
     shape.add_argument("--width", type=_range, help="image width range in pixels (CogVideoX: 720, static)")
     shape.add_argument("--text-len", type=_range, help="prompt tokens: SDXL/SD1.5 77 (ComfyUI's long prompts use "
-                       "multiples of 77, e.g. 77:77:231); PixArt 120; CogVideoX fixed by the model (226)")
+                       "multiples of 77, e.g. 77:77:231); PixArt 120; SD3 333 (77 CLIP + 256 T5; ComfyUI gives "
+                       "154 for a short prompt); CogVideoX fixed by the model (226)")
     shape.add_argument("--frames", type=int, help="CogVideoX video frames, 4k+1 (default 49), static")
 
 
@@ -87,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--min-cosine", type=float, help="override the dtype's cosine tolerance")
     onnx.add_argument("--atol", type=float, help="override the dtype's absolute tolerance")
     onnx.add_argument("--threads", type=int, help="ONNX Runtime threads for validation")
+    onnx.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where the export is validated: auto = CUDA when onnxruntime-gpu has a GPU (every profile "
+                           "corner), else the CPU (a bounded plan: opt shape, smallest size at the largest batch, "
+                           "largest size at batch 1)")
     _add_shape_flags(onnx)
 
     build = commands.add_parser("build", help="build a TensorRT engine from an export (NVIDIA GPU)")
@@ -169,11 +176,18 @@ def cmd_onnx(args) -> int:
         raise OutputRefused(f"--out-dir {out_dir} holds an export (engine.json): pass --force to replace it (the new "
                             "export is written beside it and swapped in only when it validated), or choose another "
                             "--out-dir")
+    started = time.perf_counter()
+    print(f"loading {args.model}" + (f" with the LoRA {args.lora} fused" if args.lora else "") + " ...",
+          file=sys.stderr, flush=True)
     student = load_student(args.model, args.lora, args.lora_strength, args.config, args.timesteps, args.num_steps)
+    print(f"  {time.perf_counter() - started:.1f} s: {student.family}, grid {student.timesteps}", file=sys.stderr,
+          flush=True)
     folder = Path(args.model if Path(args.model).is_dir() else args.config)
     factor = vae_scale_factor(folder)
-    defaults = {"sdxl": (1024, 512), "sd15": (512, 512), "pixart": (1024, 512), "cogvideox": None,
-                "sd3": (1024, 512)}[student.family]
+    # default profile: the model's own size (its config's sample_size, in latents) as opt and max, half of it as
+    # min: SDXL, PixArt-1024, SD3 1024 / 512 px, SD1.5 512 / 256 px at the usual VAE factor 8
+    native = int(getattr(student.model.config, "sample_size", 128)) * factor
+    defaults = None if student.family == "cogvideox" else (native, native // 2)
     if student.family == "cogvideox":
         height, width = args.height or (480,) * 3, args.width or (720,) * 3
         frames = args.frames or 49
@@ -198,7 +212,8 @@ def cmd_onnx(args) -> int:
                                scheduler_config=student.scheduler_config, timesteps=student.timesteps,
                                source=student.source, opset=args.opset, exporter=args.exporter,
                                external_data=args.external_data, tolerance=tolerance, threads=args.threads,
-                               num_steps=student.num_steps, unify_steps=student.unify_steps)
+                               num_steps=student.num_steps, unify_steps=student.unify_steps,
+                               provider=args.provider, log=lambda line: print(line, file=sys.stderr, flush=True))
     _print_validation(manifest.validation)
     print(f"wrote {out_dir / 'engine.json'} ({manifest.family}, {manifest.dtype}, "
           f"{manifest.export['nodes_optimized']} nodes after folding)" + (", replacing the previous export"
@@ -272,6 +287,7 @@ def cmd_validate(args) -> int:
     from .families import example_inputs, shapes_from_manifest
     from .generate import ExportedStudent
     from .loading import reference_module
+    from .onnx_export import validation_plan
     from .manifest import load_manifest
     from .runtime import TorchRunner, open_runner
     from .validate import compare
@@ -284,7 +300,10 @@ def cmd_validate(args) -> int:
     axes = manifest.export.get("dynamic_axes", {})
     failed = False
     generator = torch.Generator().manual_seed(0)
-    for point in shapes_from_manifest(manifest).points():
+    on_gpu = runner.kind == "TensorRT" or getattr(runner, "provider", "cpu") == "cuda"
+    points, plan = validation_plan(shapes_from_manifest(manifest), "cuda" if on_gpu else "cpu")
+    print(f"  shapes: {plan}")
+    for point in points:
         feeds = example_inputs(manifest.inputs, axes, point, generator)
         stats = compare(reference(**feeds), runner(**feeds))
         problems = stats.failures(tolerance)

@@ -151,7 +151,8 @@ class TDMExportEngine(io.ComfyNode):
                                    timesteps=grid, signature="comfyui",
                                    source={"comfyui_model": type(model.model.model_config).__name__,
                                            "patches": len(model.patches)},
-                                   num_steps=k, unify_steps=unify_steps)
+                                   num_steps=k, unify_steps=unify_steps,
+                                   log=lambda line: logging.info("TDM Export Engine: %s", line.strip()))
         lines = [f"{folder}: {manifest.family} {dtype} ONNX, ONNX Runtime vs PyTorch max |error| "
                  f"{max(c['max_abs'] for c in manifest.validation['cases']):.3g}"]
         if note:

@@ -38,6 +38,25 @@ def test_onnx_export_records_the_fused_lora_and_its_timesteps(sdxl, capsys):
     assert manifest["inputs"][2]["profile"]["max"] == [4, 154, 64]  # two 77-token chunks
 
 
+def test_the_default_export_takes_the_models_own_size_and_reports_every_phase(tmp_path, capsys):
+    """No size flags: the profile is the UNet's sample_size (16 latents for the tiny one, 32 px at its VAE
+    factor 2) as opt and max, half as min; before, the fixed 512:1024:1024 px default meant 512x512
+    latents here and a validation that ran out of memory after 9 minutes."""
+    pipeline, lora = tiny_student(tmp_path, "sdxl")
+    assert main(["onnx", "--model", str(pipeline), "--out-dir", str(tmp_path / "out"), "--dtype", "fp32",
+                 "--provider", "cpu"]) == 0
+    err = capsys.readouterr().err
+    for phase in ("loading ", "PyTorch reference outputs at 2 shape(s) (CPU, bounded", "tracing the sdxl network",
+                  "saving model.onnx", "folding constants", "validating on ONNX Runtime (CPU) at batch 1, 16x16 latent",
+                  "(2 of 2)"):
+        assert phase in err, phase
+    assert err.count(" s") >= 6  # each phase ends with its seconds
+    manifest = json.loads((tmp_path / "out" / "engine.json").read_text())
+    assert manifest["validation"]["plan"].startswith("CPU, bounded")
+    profile = manifest["inputs"][0]["profile"]
+    assert [profile[k][2] for k in ("min", "opt", "max")] == [8, 16, 16] and profile["max"][0] == 4
+
+
 def test_validate_passes_with_the_lora_and_fails_without_it(sdxl, capsys):
     root, pipeline, lora, out = sdxl
     assert main(["validate", str(out), "--provider", "cpu"]) == 0

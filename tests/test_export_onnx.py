@@ -60,7 +60,10 @@ def test_export_validates_on_onnx_runtime_within_the_dtypes_tolerance(exports, f
     assert manifest.export["nodes_optimized"] < manifest.export["nodes_exported"]  # folding removed nodes
     cases = manifest.validation["cases"]
     assert manifest.validation["passed"] and all(c["passed"] for c in cases)
-    assert len(cases) == (2 if family == "cogvideox" else 3)  # opt, min, max shapes (CogVideoX: batch only)
+    # the CPU plan: opt, the smallest size at the largest batch, the largest size at batch 1 (repeats dropped)
+    assert [c["shape"] for c in cases] == CASES[family][-1].bounded_points()
+    assert manifest.validation["runtime"] == "onnxruntime-cpu" and manifest.validation["plan"].startswith("CPU")
+    assert len(cases) == 2  # here the largest size is the opt size: opt, then batch 2 at the smallest size
     for case in cases:
         assert case["finite"]
         if dtype == "fp32":
@@ -197,3 +200,16 @@ def test_dynamo_exporter_is_an_option_and_its_failures_are_named(tmp_path):
     with pytest.raises(ExportFailed, match=r"torch.onnx \(dynamo, opset 18\) could not export the pixart model.*"
                                            "--exporter torchscript"):
         _export(tmp_path / "pixart", "pixart", "fp32", exporter="dynamo")
+
+
+def test_the_cpu_plan_moves_every_axis_and_costs_at_most_two_opt_calls():
+    """The default SDXL profile (batch 1:1:4, 512:1024:1024 px, 77:77:154 tokens): the full corners
+    cost 5.25 opt-shape calls (the 4 x 1024 px corner alone is 4); the bounded plan at most 2, and
+    every dynamic axis still leaves its opt value at least once."""
+    shapes = ExportShapes(batch=(1, 1, 4), height=(64, 128, 128), width=(64, 128, 128), text_len=(77, 77, 154))
+    cost = lambda points: sum(p["batch"] * p["height"] * p["width"] for p in points) / (128 * 128)  # noqa: E731
+    assert cost(shapes.points()) == 5.25
+    plan = shapes.bounded_points()
+    assert cost(plan) <= 2.0 and plan[0] == {"batch": 1, "height": 128, "width": 128, "text_len": 77}
+    for axis, values in (("batch", (1, 4)), ("height", (64, 128)), ("text_len", (77, 154))):
+        assert {p[axis] for p in plan} == set(values), axis

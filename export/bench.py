@@ -16,7 +16,7 @@ from .generate import ExportedStudent
 from .runtime import Runner
 
 CONDITION_OF_INPUT = {"encoder_hidden_states": "prompt_embeds", "add_embeds": "add_embeds",
-                      "encoder_attention_mask": "prompt_attention_mask"}
+                      "encoder_attention_mask": "prompt_attention_mask", "pooled_projections": "pooled_prompt_embeds"}
 
 
 def _summary(samples: list[float]) -> dict:

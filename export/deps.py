@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 
 ONNX_EXTRA = "pip install onnx onnxruntime onnx-graphsurgeon polygraphy  (or: pip install .[onnx])"
+OPENVINO_EXTRA = "pip install openvino  (or: pip install .[openvino])"
 TRT_EXTRA = "pip install .[trt]  (TensorRT 10 or 11 for your CUDA version, e.g. tensorrt-cu12, plus onnxruntime-gpu)"
 
 

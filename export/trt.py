@@ -58,6 +58,11 @@ def _add_shape_flags(parser: argparse.ArgumentParser, required: bool = False) ->
     shape.add_argument("--frames", type=int, help="CogVideoX video frames, 4k+1 (default 49), static")
 
 
+PROVIDERS = ("auto", "cpu", "cuda", "openvino", "openvino-bf16")
+PROVIDER_HELP = ("for an ONNX file: ONNX Runtime's CPU or CUDA provider (auto: CUDA when there), or OpenVINO on the "
+                 "CPU at f32 or bf16 inference precision (pip install .[openvino])")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export.trt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--config")
     validate.add_argument("--lora")
     validate.add_argument("--lora-strength", type=float)
-    validate.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    validate.add_argument("--provider", choices=PROVIDERS, default="auto", help=PROVIDER_HELP)
     validate.add_argument("--min-cosine", type=float)
     validate.add_argument("--atol", type=float)
 
-    bench = commands.add_parser("bench", help="ONNX Runtime (and TensorRT) vs PyTorch eager, in one run")
+    bench = commands.add_parser("bench", help="PyTorch eager (fp32, bf16 autocast), ONNX Runtime (plain, IO binding), "
+                                             "OpenVINO (f32, bf16) and TensorRT engines, in one run")
     bench.add_argument("path", help="export folder")
     bench.add_argument("--model")
     bench.add_argument("--config")
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--height", type=int, help="pixels (default: the profile's opt)")
     generate.add_argument("--width", type=int)
     generate.add_argument("--eta", type=float, default=0.0, help="0 deterministic; (0, 1] re-noises between steps")
-    generate.add_argument("--provider", choices=("auto", "cpu", "cuda"), default="auto")
+    generate.add_argument("--provider", choices=PROVIDERS, default="auto", help=PROVIDER_HELP)
     generate.add_argument("--force", action="store_true", help="use an export whose validation failed")
 
     inspect = commands.add_parser("inspect", help="print what an export is")
@@ -296,7 +302,8 @@ def cmd_validate(args) -> int:
     runner = open_runner(args.path, args.provider)
     reference = TorchRunner(reference_module(manifest, args.model, args.lora, args.lora_strength, args.config),
                             manifest)
-    tolerance = _tolerance(manifest.dtype, args)
+    # reduced precision is judged by statistics (cosine, mean error), as fp16 exports are
+    tolerance = _tolerance("bf16" if args.provider == "openvino-bf16" else manifest.dtype, args)
     axes = manifest.export.get("dynamic_axes", {})
     failed = False
     generator = torch.Generator().manual_seed(0)
@@ -332,7 +339,8 @@ def cmd_bench(args) -> int:
     from .bench import compare_runtimes, format_table
     from .loading import reference_module
     from .manifest import load_manifest
-    from .runtime import OnnxRuntimeRunner, TorchRunner
+    from .deps import MissingDependency
+    from .runtime import OPENVINO_PRECISIONS, OnnxRuntimeRunner, OpenVINORunner, TorchRunner, instruction_sets
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -348,8 +356,18 @@ def cmd_bench(args) -> int:
         dtype = torch.float32  # PyTorch eager has no fast fp16 on the CPU: compare with its fp32
     runners = {f"PyTorch eager ({device}, {str(dtype).removeprefix('torch.')})": TorchRunner(module.to(device, dtype),
                                                                                             manifest)}
+    if device == "cpu":  # PyTorch's best CPU option: bf16 autocast (AMX / AVX-512 bf16 where the CPU has them)
+        runners["PyTorch eager (cpu, bf16 autocast)"] = TorchRunner(module, manifest, autocast=torch.bfloat16)
     runners[f"ONNX Runtime CPU ({manifest.dtype})"] = OnnxRuntimeRunner(folder / manifest.onnx, manifest, "cpu",
                                                                         threads=threads, allow_spinning=False)
+    runners[f"ONNX Runtime CPU ({manifest.dtype}), IO binding"] = OnnxRuntimeRunner(
+        folder / manifest.onnx, manifest, "cpu", threads=threads, allow_spinning=False, io_binding=True)
+    for precision in OPENVINO_PRECISIONS:
+        try:
+            runners[f"OpenVINO CPU ({precision})"] = OpenVINORunner(folder / manifest.onnx, manifest, precision, threads)
+        except MissingDependency as error:  # not installed, or no bf16 units: reported, not fatal
+            print(f"skipping OpenVINO {precision}: {error}", file=sys.stderr)
+    print(instruction_sets(), file=sys.stderr)
     for engine in manifest.engines:
         try:
             from .runtime import open_runner

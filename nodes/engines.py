@@ -178,8 +178,10 @@ class TDMEngineLoader(io.ComfyNode):
                         "MODEL for the TDM sampler. Family, schedule and shapes come from its engine.json.",
             inputs=[
                 io.Combo.Input("engine_name", options=exported_files()),
-                io.Combo.Input("onnx_provider", options=["auto", "cpu", "cuda"], default="auto",
-                               tooltip="ONNX files only: ONNX Runtime's execution provider"),
+                io.Combo.Input("onnx_provider", options=["auto", "cpu", "cuda", "openvino", "openvino-bf16"],
+                               default="auto",
+                               tooltip="ONNX files only: ONNX Runtime's execution provider, or OpenVINO on the CPU "
+                                       "(f32, or bf16 on CPUs with bf16 units; pip install openvino)"),
                 io.Boolean.Input("allow_failed_validation", default=False, optional=True,
                                  tooltip="load an export whose engine.json says its validation failed (its outputs "
                                          "are not trusted: normally it is refused)"),
@@ -201,7 +203,7 @@ class TDMEngineLoader(io.ComfyNode):
         manifest.refuse_if_unvalidated(f"TDM Engine Loader: {engine_name}", allow_failed_validation,
                                        "allow_failed_validation")
         runner = open_runner(path, onnx_provider)  # TensorRT deserializes lazily, at the first step
-        if path.suffix == ".onnx" and getattr(runner, "provider", "cpu") == "cpu":
+        if path.suffix == ".onnx" and getattr(runner, "provider", "cpu") == "cpu":  # ONNX Runtime CPU, OpenVINO
             device = comfy.model_management.intermediate_device()
         else:
             device = comfy.model_management.get_torch_device()

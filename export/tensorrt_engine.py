@@ -3,7 +3,9 @@
 An exported folder holds the ONNX file and its ``engine.json`` (:mod:`export.manifest`). This
 module turns it into a TensorRT engine and runs that engine:
 
-- :func:`build_engine` builds one engine from the folder's optimized ONNX, with one optimization
+- :func:`build_engine` builds one engine from the folder's optimized ONNX through polygraphy's
+  builder API (``NetworkFromOnnxPath`` strongly typed, ``CreateConfig``, ``EngineBytesFromNetwork``:
+  refittable, timing cache, optimization level, memory limit, progress), with one optimization
   profile taken from the manifest (min / opt / max per input, optionally overridden), writes it next
   to the ONNX under a name that says what it is (:func:`engine_file_name`), and records it under
   ``engines`` in ``engine.json``;
@@ -164,20 +166,11 @@ def _engine_entry(manifest: EngineManifest | None, engine_path: Path) -> dict | 
 # ----------------------------------------------------------------------------------------------
 
 
-def _network_flags(trt) -> int:
+def _strongly_typed(trt) -> bool | None:
     # TensorRT 10 needs STRONGLY_TYPED to take the precision from the ONNX; in TensorRT 11 every
-    # network is strongly typed and the flag may be gone.
+    # network is strongly typed and the flag may be gone (then polygraphy is told nothing)
     flag_enum = getattr(trt, "NetworkDefinitionCreationFlag", None)
-    strongly_typed = getattr(flag_enum, "STRONGLY_TYPED", None)
-    return 0 if strongly_typed is None else 1 << int(strongly_typed)
-
-
-def _parse_onnx(parser, onnx_path: Path) -> None:
-    # parse_from_file (not parse(bytes)) finds the external weight file next to the ONNX
-    if parser.parse_from_file(str(onnx_path)):
-        return
-    errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or ["(the parser gave no details)"]
-    raise RuntimeError(f"TensorRT could not parse {onnx_path} ({len(errors)} error(s)):\n  " + "\n  ".join(errors))
+    return True if getattr(flag_enum, "STRONGLY_TYPED", None) is not None else None
 
 
 def _check_network_inputs(network, shapes: ProfileShapes, onnx_path: Path) -> None:
@@ -188,25 +181,65 @@ def _check_network_inputs(network, shapes: ProfileShapes, onnx_path: Path) -> No
                          "the ONNX file and the manifest come from different exports")
 
 
-def _add_profile(builder, config, shapes: ProfileShapes) -> None:
-    profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in shapes.items():
-        profile.set_shape(name, low, opt, high)
-    config.add_optimization_profile(profile)
+def builder_options(shapes: ProfileShapes, *, refit: bool, timing_cache: Path | None, optimization_level: int,
+                    workspace_bytes: int | None, weight_streaming: bool) -> dict:
+    """The keyword arguments of polygraphy's ``CreateConfig`` for one build, without TensorRT objects:
+    one optimization profile (min / opt / max per input), refittable, the builder optimization
+    level, a timing cache to load, weight streaming, and the workspace limit in bytes (the caller
+    turns it into ``{trt.MemoryPoolType.WORKSPACE: bytes}``). Precision flags are never set: the
+    network is strongly typed."""
+    if not 0 <= optimization_level <= 5:
+        raise ValueError(f"builder optimization level {optimization_level}: TensorRT takes 0-5 (3 is its default)")
+    options = {"profiles": [{name: tuple(shape) for name, shape in shapes.items()}],
+               "refittable": bool(refit), "builder_optimization_level": int(optimization_level),
+               "weight_streaming": bool(weight_streaming)}
+    if timing_cache is not None:
+        options["load_timing_cache"] = str(timing_cache)  # polygraphy starts a new cache when the file is absent
+    if workspace_bytes is not None:
+        options["workspace_bytes"] = int(workspace_bytes)
+    return options
 
 
-def _load_timing_cache(config, timing_cache: Path) -> None:
-    data = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(data)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        # a cache from another GPU or TensorRT version would slow the engine down: start afresh
-        logger.warning("timing cache %s does not match this GPU / TensorRT version; building without it", timing_cache)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+def polygraphy_config(options: dict, workspace_pool=None, progress_monitor=None):
+    """polygraphy's ``CreateConfig`` for :func:`builder_options`' options (building it needs no GPU;
+    calling it, at build time, does). ``workspace_pool``: ``trt.MemoryPoolType.WORKSPACE``."""
+    from polygraphy.backend.trt import CreateConfig, Profile
+
+    kwargs = dict(options)
+    profiles = []
+    for profile_shapes in kwargs.pop("profiles"):
+        profile = Profile()
+        for name, (low, opt, high) in profile_shapes.items():
+            profile.add(name, min=low, opt=opt, max=high)
+        profiles.append(profile)
+    workspace = kwargs.pop("workspace_bytes", None)
+    if workspace is not None:
+        kwargs["memory_pool_limits"] = {workspace_pool: workspace}
+    if progress_monitor is not None:
+        kwargs["progress_monitor"] = progress_monitor
+    return CreateConfig(profiles=profiles, **kwargs)
 
 
-def _save_timing_cache(config, timing_cache: Path) -> None:
-    with atomic_path(timing_cache) as tmp:
-        tmp.write_bytes(config.get_timing_cache().serialize())
+def _polygraphy_build(trt, onnx_path: Path, shapes: ProfileShapes, options: dict, timing_cache: Path | None,
+                      progress: bool) -> bytes:
+    """The serialized engine, built by polygraphy's builder API: the network parsed from the ONNX
+    path (external weights found beside it), strongly typed; ``CreateConfig`` from
+    :func:`builder_options`; ``EngineBytesFromNetwork``, which also saves the timing cache."""
+    from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
+
+    try:
+        network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=_strongly_typed(trt))()
+    except Exception as error:  # polygraphy logs every parser error, then raises
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {error}") from None
+    _check_network_inputs(network[1], shapes, onnx_path)
+    config = polygraphy_config(options, trt.MemoryPoolType.WORKSPACE, _progress_monitor(trt) if progress else None)
+    try:
+        return bytes(EngineBytesFromNetwork(network, config=config,
+                                            save_timing_cache=str(timing_cache) if timing_cache else None)())
+    except Exception as error:  # polygraphy raises when TensorRT returns no plan
+        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} ({error}; see the TensorRT log "
+                           "above). Out of GPU memory is the usual cause: narrow the profile (smaller max batch / "
+                           "size), or close other programs using the GPU.") from None
 
 
 def _progress_monitor(trt):
@@ -278,36 +311,12 @@ def build_engine(folder: str | Path, *, profile_overrides: dict[str, dict[str, l
     shapes = optimization_profile_shapes(manifest, profile_overrides)
     trt = require_tensorrt()
 
-    trt_logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(trt_logger)
-    network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, trt_logger)
-    _parse_onnx(parser, onnx_path)
-    _check_network_inputs(network, shapes, onnx_path)
-
-    config = builder.create_builder_config()
-    _add_profile(builder, config, shapes)
-    config.builder_optimization_level = optimization_level
-    if workspace_gb is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    if refit:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    if weight_streaming:
-        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    if timing_cache is not None:
-        _load_timing_cache(config, Path(timing_cache))
-    if progress:
-        config.progress_monitor = _progress_monitor(trt)
-
+    options = builder_options(shapes, refit=refit, timing_cache=timing_cache, optimization_level=optimization_level,
+                              workspace_bytes=None if workspace_gb is None else int(workspace_gb * 2**30),
+                              weight_streaming=weight_streaming)
     start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    plan = _polygraphy_build(trt, onnx_path, shapes, options, timing_cache, progress)
     build_seconds = time.perf_counter() - start
-    if plan is None:
-        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above). "
-                           "Out of GPU memory is the usual cause: narrow the profile (smaller max batch / size), "
-                           "or close other programs using the GPU.")
-    if timing_cache is not None:
-        _save_timing_cache(config, Path(timing_cache))
 
     compute_capability = _compute_capability()
     engine_path = folder / engine_file_name(manifest, trt.__version__, compute_capability, profile=shapes)

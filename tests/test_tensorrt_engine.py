@@ -358,19 +358,31 @@ def test_a_dynamic_input_without_profile_is_an_error():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_build_engine_builds_the_manifest_profile_and_records_the_engine(exported, fake_trt):
+@pytest.fixture
+def builds(monkeypatch):
+    """The polygraphy build itself needs a GPU: record what it is asked to build, return a plan."""
+    calls = []
+
+    def build(trt, onnx_path, shapes, options, timing_cache, progress):
+        calls.append({"onnx": onnx_path, "shapes": shapes, "options": options, "timing_cache": timing_cache,
+                      "progress": progress})
+        return b"serialized engine"
+
+    monkeypatch.setattr(te, "_polygraphy_build", build)
+    return calls
+
+
+def test_build_engine_builds_the_manifest_profile_and_records_the_engine(exported, fake_trt, builds):
     path = te.build_engine(exported, progress=False)
 
     assert path == exported / "sdxl_fp16_b1-1-4_h64-128-128_w64-128-128_trt10.13.3_sm89.engine"
     assert path.read_bytes() == b"serialized engine"
-    assert fake_trt.parsed == str(exported / "model.opt.onnx")
-    assert fake_trt.network_flags == 1 << 1  # STRONGLY_TYPED; precision comes from the ONNX
-    assert fake_trt.flags == {"REFIT"}  # and never FP16
-    assert fake_trt.config.builder_optimization_level == 3
-    assert fake_trt.config.memory_pool_limits == {} and fake_trt.config.timing_cache is None
-    assert len(fake_trt.config.profiles) == 1
+    (call,) = builds
+    assert call["onnx"] == exported / "model.opt.onnx"
     manifest = sdxl_manifest()
-    assert fake_trt.profile == {s.name: (s.profile["min"], s.profile["opt"], s.profile["max"]) for s in manifest.inputs}
+    expected = {s.name: (s.profile["min"], s.profile["opt"], s.profile["max"]) for s in manifest.inputs}
+    assert call["options"] == {"profiles": [expected], "refittable": True, "builder_optimization_level": 3,
+                               "weight_streaming": False}  # no precision flag: strongly typed from the ONNX
 
     (entry,) = load_manifest(exported).engines
     assert entry["file"] == path.name and entry["size_bytes"] == len(b"serialized engine")
@@ -385,58 +397,56 @@ def test_build_engine_builds_the_manifest_profile_and_records_the_engine(exporte
     assert len(load_manifest(exported).engines) == 1
 
 
-def test_build_engine_options_and_progress(exported, monkeypatch):
-    fake = install(monkeypatch, FakeTensorRT(version="11.4.0.106", strongly_typed_flag=False), capability=(12, 0))
+def test_build_engine_options_reach_polygraphy_and_the_name(exported, monkeypatch, builds):
+    install(monkeypatch, FakeTensorRT(version="11.4.0.106", strongly_typed_flag=False), capability=(12, 0))
     cache = exported / "timing.cache"
     path = te.build_engine(exported, profile_overrides={"sample": {"max": [2, 4, 128, 128]}}, refit=False,
                            timing_cache=cache, optimization_level=5, workspace_gb=1.5, weight_streaming=True)
-
     assert path.name == "sdxl_fp16_b1-1-2_h64-128-128_w64-128-128_trt11.4.0_sm120.engine"
-    assert fake.network_flags == 0  # TensorRT 11: strongly typed without a flag
-    assert fake.flags == {"WEIGHT_STREAMING"}
-    assert fake.config.builder_optimization_level == 5
-    assert fake.config.memory_pool_limits == {"WORKSPACE": int(1.5 * 2**30)}
-    assert fake.config.timing_cache == (b"", False)  # a new cache, mismatches not ignored
-    assert cache.read_bytes() == b"timings after the build"
-    assert fake.profile["sample"][2] == [2, 4, 128, 128]
-    assert fake.monitor_calls == [True] * 5  # the progress monitor never cancels the build
+    options = builds[0]["options"]
+    assert options["refittable"] is False and options["weight_streaming"] is True
+    assert options["builder_optimization_level"] == 5 and options["workspace_bytes"] == int(1.5 * 2**30)
+    assert options["load_timing_cache"] == str(cache) and builds[0]["timing_cache"] == cache
+    assert options["profiles"][0]["sample"][2] == [2, 4, 128, 128] and builds[0]["progress"] is True
     entry = json.loads((exported / "engine.json").read_text())["engines"][0]
     assert entry["refit"] is False and entry["weight_streaming"] is True
     assert entry["profile"]["sample"]["max"] == [2, 4, 128, 128]
 
-    te.build_engine(exported, timing_cache=cache, progress=False)
-    assert fake.config.timing_cache == (b"timings after the build", False)  # the saved cache is reused
+
+def test_the_options_are_polygraphys_own_create_config_arguments():
+    """polygraphy's CreateConfig is built (no GPU needed) from the options: a misspelt or dropped
+    argument of its API fails here; the profile it holds is the manifest's."""
+    from polygraphy.backend.trt import CreateConfig
+
+    shapes = te.optimization_profile_shapes(sdxl_manifest())
+    options = te.builder_options(shapes, refit=True, timing_cache=Path("/tmp/cache"), optimization_level=4,
+                                 workspace_bytes=2**30, weight_streaming=False)
+    config = te.polygraphy_config(options, workspace_pool="WORKSPACE")
+    assert isinstance(config, CreateConfig)
+    assert config.refittable is True and config.builder_optimization_level == 4
+    assert config.memory_pool_limits == {"WORKSPACE": 2**30} and config.timing_cache_path == "/tmp/cache"
+    assert not (config.fp16 or config.bf16 or config.tf32)  # strongly typed: precision from the ONNX
+    (profile,) = config.profiles
+    assert [list(profile["sample"].min), list(profile["sample"].opt), list(profile["sample"].max)] == \
+        [[1, 4, 64, 64], [1, 4, 128, 128], [4, 4, 128, 128]]
 
 
-def test_build_engine_starts_a_new_timing_cache_when_the_saved_one_does_not_match(exported, fake_trt):
-    cache = exported / "timing.cache"
-    cache.write_bytes(b"timings from another GPU")
-    fake_trt.timing_cache_matches = False
-    te.build_engine(exported, timing_cache=cache, progress=False)
-    assert fake_trt.config.timing_cache == (b"", False)
-    assert cache.read_bytes() == b"timings after the build"
+def test_builder_options_refuse_a_level_tensorrt_does_not_have():
+    with pytest.raises(ValueError, match="0-5"):
+        te.builder_options({}, refit=True, timing_cache=None, optimization_level=6, workspace_bytes=None,
+                           weight_streaming=False)
 
 
-def test_build_engine_reports_every_parser_error(exported, fake_trt):
-    fake_trt.parse_errors = ["In node 3 (Conv): INVALID_NODE: kernel weights missing",
-                             "In node 9 (Resize): UNSUPPORTED_NODE: mode cubic"]
-    with pytest.raises(RuntimeError, match=r"could not parse .*model\.opt\.onnx \(2 error") as error:
-        te.build_engine(exported, progress=False)
-    assert "kernel weights missing" in str(error.value) and "mode cubic" in str(error.value)
-    assert not list(exported.glob("*.engine"))
+def test_strongly_typed_only_where_tensorrt_has_the_flag():
+    assert te._strongly_typed(FakeTensorRT().module) is True
+    assert te._strongly_typed(FakeTensorRT(version="11.4.0.106", strongly_typed_flag=False).module) is None
 
 
-def test_build_engine_fails_clearly_when_tensorrt_returns_no_plan(exported, fake_trt):
-    fake_trt.plan = None
-    with pytest.raises(RuntimeError, match="could not build an engine"):
-        te.build_engine(exported, progress=False)
-    assert not list(exported.glob("*.engine")) and load_manifest(exported).engines == []
-
-
-def test_build_engine_rejects_an_onnx_that_does_not_match_the_manifest(exported, fake_trt):
-    fake_trt.network_inputs = ["sample", "timestep", "encoder_hidden_states"]
+def test_a_network_whose_inputs_differ_from_the_manifest_is_refused(exported):
+    network = types.SimpleNamespace(num_inputs=3, get_input=lambda i: types.SimpleNamespace(
+        name=["sample", "timestep", "encoder_hidden_states"][i]))
     with pytest.raises(ValueError, match="come from different exports"):
-        te.build_engine(exported, progress=False)
+        te._check_network_inputs(network, te.optimization_profile_shapes(sdxl_manifest()), exported / "model.opt.onnx")
 
 
 def test_build_engine_without_tensorrt(exported, monkeypatch):

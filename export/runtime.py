@@ -52,7 +52,31 @@ class TorchRunner(Runner):
             return self.module(*args).float().to(device)
 
 
-class OnnxRuntimeRunner(Runner):
+class _OnnxFileRunner(Runner):
+    """What the runtimes of an ONNX file share: its inputs checked against engine.json, its size on
+    disk (external data included), and host arrays in the file's input dtypes. Subclasses set
+    ``path`` and ``input_types`` (input name -> dtype name)."""
+
+    path: Path
+    input_types: dict[str, str]
+
+    def _check_file_inputs(self) -> None:
+        missing = set(self.manifest.input_names) - set(self.input_types)
+        if missing:
+            raise ValueError(f"{self.path} lacks inputs {sorted(missing)} that {self.path.parent}/engine.json lists: "
+                             "the file and the manifest come from different exports")
+
+    @property
+    def memory_bytes(self) -> int:
+        data = self.path.with_name(self.path.name + ".data")
+        return self.path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+    def _host_arrays(self, feeds) -> dict:
+        return {name: feeds[name].detach().to("cpu", TORCH_DTYPES[self.input_types[name]]).contiguous().numpy()
+                for name in self.input_names}
+
+
+class OnnxRuntimeRunner(_OnnxFileRunner):
     """An ONNX file on ONNX Runtime. ``provider`` is "cpu", "cuda" or "auto" (CUDA when the
     onnxruntime-gpu build and a device are there)."""
 
@@ -91,22 +115,13 @@ class OnnxRuntimeRunner(Runner):
         self.path = onnx_path
         self.input_types = {i.name: ONNX_TYPE_NAMES.get(i.type, "float32") for i in self.session.get_inputs()}
         self.output_name = self.session.get_outputs()[0].name
-        missing = set(self.manifest.input_names) - set(self.input_types)
-        if missing:
-            raise ValueError(f"{onnx_path} lacks inputs {sorted(missing)} that {onnx_path.parent}/engine.json lists: "
-                             "the file and the manifest come from different exports")
-
-    @property
-    def memory_bytes(self) -> int:
-        data = self.path.with_name(self.path.name + ".data")
-        return self.path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        self._check_file_inputs()
 
     def _run(self, feeds):
         device = feeds[self.input_names[0]].device
         if self.io_binding:
             return self._run_bound(feeds).float().to(device)
-        arrays = {name: feeds[name].detach().to("cpu", TORCH_DTYPES[self.input_types[name]]).contiguous().numpy()
-                  for name in self.input_names}
+        arrays = self._host_arrays(feeds)
         (out,) = self.session.run([self.output_name], arrays)
         return torch.from_numpy(out).float().to(device)
 
@@ -155,7 +170,7 @@ def instruction_sets() -> str:
     return "; ".join(parts)
 
 
-class OpenVINORunner(Runner):
+class OpenVINORunner(_OnnxFileRunner):
     """An ONNX file compiled by OpenVINO for the CPU. ``precision`` is its inference precision hint:
     "f32", or "bf16" where the CPU has bf16 units (refused, with what the CPU offers, where not).
     Dynamic axes stay dynamic (OpenVINO reads them from the ONNX file); latency mode, one request."""
@@ -187,20 +202,11 @@ class OpenVINORunner(Runner):
         self.precision, self.path = precision, onnx_path
         self.input_types = {port.get_any_name(): port.get_element_type().to_dtype().name
                             for port in self.compiled.inputs}
-        missing = set(self.manifest.input_names) - set(self.input_types)
-        if missing:
-            raise ValueError(f"{onnx_path} lacks inputs {sorted(missing)} that {onnx_path.parent}/engine.json lists: "
-                             "the file and the manifest come from different exports")
-
-    @property
-    def memory_bytes(self) -> int:
-        data = self.path.with_name(self.path.name + ".data")
-        return self.path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        self._check_file_inputs()
 
     def _run(self, feeds):
         device = feeds[self.input_names[0]].device
-        arrays = {name: feeds[name].detach().to("cpu", TORCH_DTYPES[self.input_types[name]]).contiguous().numpy()
-                  for name in self.input_names}
+        arrays = self._host_arrays(feeds)
         out = self.request.infer(arrays)[self.compiled.output(0)]
         return torch.from_numpy(out.copy()).float().to(device)
 

@@ -200,14 +200,16 @@ class OpenVINORunner(_OnnxFileRunner):
                 from None
         self.request = self.compiled.create_infer_request()
         self.precision, self.path = precision, onnx_path
-        self.input_types = {port.get_any_name(): port.get_element_type().to_dtype().name
-                            for port in self.compiled.inputs}
+        # an input port can carry several tensor names (OpenVINO folds identity casts into the input), so
+        # each engine.json name is looked up among all of them, not get_any_name()'s pick
+        self.ports = {name: port for port in self.compiled.inputs for name in port.get_names()}
+        self.input_types = {name: port.get_element_type().to_dtype().name for name, port in self.ports.items()}
         self._check_file_inputs()
 
     def _run(self, feeds):
         device = feeds[self.input_names[0]].device
         arrays = self._host_arrays(feeds)
-        out = self.request.infer(arrays)[self.compiled.output(0)]
+        out = self.request.infer({self.ports[name]: array for name, array in arrays.items()})[self.compiled.output(0)]
         return torch.from_numpy(out.copy()).float().to(device)
 
 

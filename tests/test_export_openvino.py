@@ -92,3 +92,21 @@ def test_a_precision_openvino_does_not_have_is_refused(export):
     _, _, out, manifest, _ = export
     with pytest.raises(ValueError, match="expected one of"):
         OpenVINORunner(out / manifest.onnx, manifest, precision="int4")
+
+
+def test_inputs_whose_tensors_openvino_merges_keep_their_names(tmp_path):
+    """PixArt-1024's mask and micro-conditions go through casts that OpenVINO folds into the inputs,
+    which then carry several tensor names: each engine.json name must still find its input (the
+    first OpenVINO runner took one arbitrary name per input and refused this export)."""
+    from export.families import ExportShapes, family_spec
+    from export.onnx_export import export_onnx
+    from tdm_train.tiny_models import PIXART_SCHEDULER_CONFIG, tiny_pixart_transformer
+
+    shapes = ExportShapes(batch=(1, 2, 2), height=(8, 8, 8), width=(8, 8, 8), text_len=(16, 16, 16))
+    manifest = export_onnx(family_spec("pixart", tiny_pixart_transformer(128), shapes, "fp32"), tmp_path, dtype="fp32",
+                           shapes=shapes, scheduler_config=PIXART_SCHEDULER_CONFIG, timesteps=[899, 674, 449, 224])
+    feeds = example_inputs(manifest.inputs, manifest.export["dynamic_axes"], shapes.points()[0],
+                           torch.Generator().manual_seed(0))
+    expected = OnnxRuntimeRunner(tmp_path / manifest.onnx, manifest)(**feeds)
+    got = OpenVINORunner(tmp_path / manifest.onnx, manifest)(**feeds)
+    assert "encoder_attention_mask" in manifest.input_names and (got - expected).abs().max() < 1e-4

@@ -63,7 +63,16 @@ def check(engine_models, folder: Path) -> dict:
         t = torch.full((sample[0],), manifest.timesteps[0])
         state = x if flow else x / (1 + sigma[0] ** 2).sqrt()  # the library's x_t (flow: x_t itself)
         expected = ExportedStudent(runner).x0(state, t, cond)
+    openvino = None
+    try:  # the TDM Engine Loader's onnx_provider "openvino": the same ComfyUI model over OpenVINO (CPU)
+        ov_patcher = engine_models.comfy_model(open_runner(folder, provider="openvino"), manifest, cpu, cpu)
+        comfy.model_management.load_models_gpu([ov_patcher])
+        with torch.no_grad():
+            openvino = float((ov_patcher.model.apply_model(x, sigma, c_crossattn=context, **extra) - denoised).abs().max())
+    except ImportError:
+        pass
     return {
+        "openvino_vs_onnxruntime": openvino,
         "family": manifest.family,
         "comfy_class": type(base).__name__,
         "sigma_max_rel_diff": float(((theirs - ours) / ours).abs().max()),

@@ -30,7 +30,7 @@ class ExportedStudent:
         family, batch = self.manifest.family, x_t.shape[0]
         timestep = t.float().expand(batch)
         if family == "sd3":  # the flow transformer's own timestep: sigma * 1000, not the table index
-            timestep = (self.schedule.sigma(t) * self.schedule.num_train_timesteps).float().expand(batch)
+            timestep = self.schedule.flow_timestep(t).float().expand(batch)
         feeds = {"sample": x_t, "timestep": timestep, "encoder_hidden_states": cond["prompt_embeds"]}
         if family == "sdxl":
             add_embeds = cond.get("add_embeds")

@@ -15,6 +15,7 @@ from tdm_train.lora.merge import fuse_lora
 from tdm_train.lora.step_embedding import StepConditions, fold_into_bias
 from tdm_train.training.preflight import check_weights
 from tdm_train.training.teachers import PIPELINE_CLASSES, pipeline_class_name
+from tdm_train.recipes import default_total_steps
 from tdm_train.timesteps import COGVIDEOX_TIMESTEPS, tdm_timesteps, validate_timesteps
 
 FAMILY_OF_PIPELINE = {**PIPELINE_CLASSES, "StableDiffusionPipeline": "sd15"}
@@ -124,7 +125,7 @@ def load_student(model: str | Path, lora: str | Path | None = None, strength: fl
         raise ValueError(f"--num-steps {num_steps} is for TDM-unify LoRAs (one student for several step counts); "
                          f"{lora or 'the base model'} carries no step condition: give its grid with --timesteps")
     # defaults: CogVideoX's trained grid; on a flow schedule (SD3) the uniform grid from pure noise
-    default = list(COGVIDEOX_TIMESTEPS) if family == "cogvideox" else tdm_timesteps(4, 1000 if family == "sd3" else 900)
+    default = list(COGVIDEOX_TIMESTEPS) if family == "cogvideox" else tdm_timesteps(4, default_total_steps(family))
     grid = timesteps or recorded or default
     return LoadedStudent(family, denoiser.eval(), scheduler_config, validate_timesteps(grid), source,
                          int(num_steps) if conditions is not None else None,

@@ -25,7 +25,7 @@ from tdm_train.errors import IncompatibleFile
 from tdm_train.schedule import NoiseSchedule
 
 from .deps import MissingDependency
-from .runtime import OnnxRuntimeRunner
+from .runtime import OnnxRuntimeRunner, resolve_provider
 from .validate import TOLERANCES, Tolerance, ValidationFailed, compare
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -98,17 +98,6 @@ def _record_failure(manifest: EngineManifest, out_dir: Path, reason: str) -> Non
     manifest.save(out_dir)
 
 
-def resolve_provider(provider: str) -> str:
-    """"auto" -> "cuda" when ONNX Runtime has its CUDA provider here, else "cpu"."""
-    if provider != "auto":
-        return provider
-    try:
-        import onnxruntime
-    except ImportError:
-        return "cpu"  # the runner names the missing package
-    return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
-
-
 def validation_plan(shapes: ExportShapes, provider: str) -> tuple[list[dict[str, int]], str]:
     """(the shapes to validate at, the plan in words)."""
     if provider == "cuda":
@@ -121,14 +110,14 @@ def _describe(point: dict[str, int]) -> str:
     return f"batch {point['batch']}, {point['height']}x{point['width']} latent, {point['text_len']} tokens"
 
 
-class _Phases:
+class Phases:
     """One progress line per phase: what starts, then its seconds (and a note) when it ends."""
 
     def __init__(self, log):
-        self.log, self.what, self.since = log, "", 0.0
+        self.log, self.since = log, 0.0
 
     def start(self, what: str) -> None:
-        self.what, self.since = what, time.perf_counter()
+        self.since = time.perf_counter()
         self.log(f"{what} ...")
 
     def done(self, note: str = "") -> None:
@@ -170,7 +159,7 @@ def export_onnx(spec: FamilySpec, out_dir: str | Path, *, dtype: str, shapes: Ex
     points, plan = validation_plan(shapes, provider)
 
     # reference outputs of the model as it comes, at every validation shape
-    phase = _Phases(log)
+    phase = Phases(log)
     phase.start(f"PyTorch reference outputs at {len(points)} shape(s) ({plan})")
     generator = torch.Generator().manual_seed(0)
     cases = [spec.example_inputs(point, generator) for point in points]

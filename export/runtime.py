@@ -52,6 +52,17 @@ class TorchRunner(Runner):
             return self.module(*args).float().to(device)
 
 
+def resolve_provider(provider: str) -> str:
+    """ONNX Runtime's "auto" -> "cuda" when its CUDA provider is here (onnxruntime-gpu), else "cpu"."""
+    if provider != "auto":
+        return provider
+    try:
+        import onnxruntime
+    except ImportError:
+        return "cpu"  # the runner names the missing package
+    return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+
+
 class _OnnxFileRunner(Runner):
     """What the runtimes of an ONNX file share: its inputs checked against engine.json, its size on
     disk (external data included), and host arrays in the file's input dtypes. Subclasses set
@@ -90,8 +101,7 @@ class OnnxRuntimeRunner(_OnnxFileRunner):
             raise FileNotFoundError(f"{onnx_path} not found")
         super().__init__(manifest or load_manifest(onnx_path))
         available = ort.get_available_providers()
-        if provider == "auto":
-            provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        provider = resolve_provider(provider)
         wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}[provider]
         if wanted not in available:
             raise MissingDependency(f"ONNX Runtime here offers {available}, not {wanted}: "

@@ -1,13 +1,15 @@
 """``python -m export.trt``: TDM students to ONNX and TensorRT engines, and back out again.
 
   onnx      base model (+ TDM LoRA fused at its strength) -> model.onnx, model.opt.onnx, engine.json,
-            checked on ONNX Runtime CPU against PyTorch (exit 1 when out of tolerance)
+            checked on ONNX Runtime against PyTorch (CUDA when there; a bounded plan on the CPU; exit 1
+            when out of tolerance)
   build     engine.json + ONNX -> TensorRT engine (NVIDIA GPU; refittable by default)
   refit     put another LoRA's weights into a refittable engine (ONNX exported the same way)
-  validate  an ONNX file or engine vs the PyTorch student: one call per profile shape and a whole
-            few-step generation
-  bench     ONNX Runtime (and TensorRT when there) vs PyTorch eager, per call and per generation
-  generate  prompt -> image (or latents) through the exported student on ONNX Runtime / TensorRT
+  validate  an ONNX file or engine vs the PyTorch student (ONNX Runtime, OpenVINO f32 / bf16, TensorRT):
+            one call per planned shape and a whole few-step generation
+  bench     PyTorch eager (fp32, bf16 autocast), ONNX Runtime (plain, IO binding), OpenVINO (f32, bf16)
+            and TensorRT when there, per call and per generation
+  generate  prompt -> image (or latents) through the exported student on ONNX Runtime / OpenVINO / TensorRT
   inspect   what an export is: engine.json, the ONNX graph, the engines
 
 Exit codes (tdm_train/errors.py, shared with python -m tdm_train): 0 fine, 1 out of tolerance (or an
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from tdm_train.errors import (  # noqa: F401  (the exit codes, re-exported for scripts and tests)
@@ -168,7 +169,7 @@ def _pixels_to_latent(value, factor: int, flag: str):
 def cmd_onnx(args) -> int:
     from .families import ExportShapes, family_spec
     from .loading import load_student, vae_scale_factor
-    from .onnx_export import export_onnx
+    from .onnx_export import Phases, export_onnx
 
     from tdm_train import atomic
 
@@ -182,18 +183,13 @@ def cmd_onnx(args) -> int:
         raise OutputRefused(f"--out-dir {out_dir} holds an export (engine.json): pass --force to replace it (the new "
                             "export is written beside it and swapped in only when it validated), or choose another "
                             "--out-dir")
-    started = time.perf_counter()
-    print(f"loading {args.model}" + (f" with the LoRA {args.lora} fused" if args.lora else "") + " ...",
-          file=sys.stderr, flush=True)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    phase = Phases(progress)
+    phase.start(f"loading {args.model}" + (f" with the LoRA {args.lora} fused" if args.lora else ""))
     student = load_student(args.model, args.lora, args.lora_strength, args.config, args.timesteps, args.num_steps)
-    print(f"  {time.perf_counter() - started:.1f} s: {student.family}, grid {student.timesteps}", file=sys.stderr,
-          flush=True)
+    phase.done(f"{student.family}, grid {student.timesteps}")
     folder = Path(args.model if Path(args.model).is_dir() else args.config)
     factor = vae_scale_factor(folder)
-    # default profile: the model's own size (its config's sample_size, in latents) as opt and max, half of it as
-    # min: SDXL, PixArt-1024, SD3 1024 / 512 px, SD1.5 512 / 256 px at the usual VAE factor 8
-    native = int(getattr(student.model.config, "sample_size", 128)) * factor
-    defaults = None if student.family == "cogvideox" else (native, native // 2)
     if student.family == "cogvideox":
         height, width = args.height or (480,) * 3, args.width or (720,) * 3
         frames = args.frames or 49
@@ -202,8 +198,10 @@ def cmd_onnx(args) -> int:
         latent_frames = (frames - 1) // student.model.config.temporal_compression_ratio + 1
         text_len = (student.model.config.max_text_seq_length,) * 3
     else:
-        opt, low = defaults
-        height, width = args.height or (low, opt, opt), args.width or (low, opt, opt)
+        # default profile: the model's own size (its config's sample_size, in latents) as opt and max, half of
+        # it as min: SDXL, PixArt-1024, SD3 1024 / 512 px, SD1.5 512 / 256 px at the usual VAE factor 8
+        opt = int(getattr(student.model.config, "sample_size", 128)) * factor
+        height, width = args.height or (opt // 2, opt, opt), args.width or (opt // 2, opt, opt)
         latent_frames = None
         # one text length for PixArt (T5 at 120) and SD3 (77 CLIP + 256 T5 tokens, as encode_prompt gives them)
         fixed = {"pixart": 120, "sd3": 77 + 256}.get(student.family)
@@ -219,7 +217,7 @@ def cmd_onnx(args) -> int:
                                source=student.source, opset=args.opset, exporter=args.exporter,
                                external_data=args.external_data, tolerance=tolerance, threads=args.threads,
                                num_steps=student.num_steps, unify_steps=student.unify_steps,
-                               provider=args.provider, log=lambda line: print(line, file=sys.stderr, flush=True))
+                               provider=args.provider, log=progress)
     _print_validation(manifest.validation)
     print(f"wrote {out_dir / 'engine.json'} ({manifest.family}, {manifest.dtype}, "
           f"{manifest.export['nodes_optimized']} nodes after folding)" + (", replacing the previous export"

@@ -45,9 +45,12 @@ def training_family(model_patcher) -> str:
         return "sdxl"
     if name == "PixArt":
         return "pixart"
-    if name == "SD3":  # SD3.5 apart from SD3 by its dual-attention layers / qk norm (their guidance differs)
-        unet_config = base.model_config.unet_config
-        return "sd3.5" if unet_config.get("x_block_self_attn_layers") or unet_config.get("qk_norm") else "sd3"
+    if name == "SD3":  # SD3.5 apart from SD3 (their guidance differs): the rule python -m tdm_train applies
+        from tdm_train.recipes import guidance_family
+
+        from .positional_lora import sd3_transformer_config
+
+        return guidance_family("sd3", sd3_transformer_config(base.model_config.unet_config))
     if name == "BaseModel" and not base.adm_channels and base.model_config.unet_config.get("context_dim") in (768, 1024):
         return "sd15"
     raise ValueError(f"TDM Train LoRA distils SDXL, SD1.x/2.x, PixArt-alpha and SD3 / SD3.5 models; this MODEL is a {name} "

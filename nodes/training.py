@@ -11,7 +11,7 @@ import torch
 import folder_paths
 from tdm_train.distill import TDMConfig
 from tdm_train.training.prompts import read_prompts
-from tdm_train.recipes import FLOW_FAMILIES, RECOMMENDED_GUIDANCE, resolve_guidance
+from tdm_train.recipes import RECOMMENDED_GUIDANCE, default_total_steps, resolve_guidance
 from tdm_train.timesteps import tdm_timesteps, validate_timesteps
 
 from .comfy_trainer import train_in_comfyui, training_family
@@ -87,12 +87,6 @@ def _auto_cfg_tooltip() -> str:
     presets = ", ".join(f"{label} {RECOMMENDED_GUIDANCE[name].scale:g}" for name, label in labels.items())
     return ("the teacher's guidance folded into the target (the student samples at cfg 1). 0 = auto: the model "
             f"family's recommended value ({presets}; the same as python -m tdm_train); 1 = no CFG")
-
-
-def grid_span(family: str) -> int:
-    """T_s of the uniform grid: 900 (TDM's default) on DDPM models, 1000 on flow models (SD3 / SD3.5),
-    whose grid starts at pure noise, sigma = 1 at index 999 (as python -m tdm_train)."""
-    return 1000 if family in FLOW_FAMILIES else 900
 
 
 def parse_grid(grid: str, num_steps: int, custom: str, total_steps: int = 900) -> tuple[int, ...]:
@@ -211,7 +205,7 @@ class TDMTrainLoRA(io.ComfyNode):
         unify = parse_unify(unify_steps)
         family = training_family(model)
         guidance, guidance_source = training_guidance(training_cfg, family)
-        span = grid_span(family)
+        span = default_total_steps(family)  # as python -m tdm_train: 1000 on SD3 / SD3.5
         tdm = TDMConfig(num_steps=num_steps, total_steps=span,
                         timesteps=None if unify else parse_grid(grid, num_steps, custom_timesteps, span),
                         tau_mode=tau_mode, guidance_scale=guidance, generator_loss=loss, unify_steps=unify)

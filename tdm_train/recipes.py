@@ -48,6 +48,12 @@ RECOMMENDED_GUIDANCE: dict[str, GuidanceRecipe] = {
 FLOW_FAMILIES = ("sd3", "sd3.5")
 
 
+def default_total_steps(family: str | None) -> int:
+    """T_s of the uniform student grid when none is given: TDM's 900 (899/674/449/224), or 1000 on a
+    flow family, whose grid starts at pure noise (sigma = 1 at index 999: 999/749/499/249)."""
+    return 1000 if family in FLOW_FAMILIES else 900
+
+
 def guidance_family(backbone: str, denoiser_config: dict) -> str:
     """The key of RECOMMENDED_GUIDANCE for a teacher: SD3.5 (dual-attention layers or qk norm in its
     transformer config) apart from SD3; the backbone itself otherwise."""

@@ -226,6 +226,11 @@ class NoiseSchedule:
         """alpha_t^2 / sigma_t^2 in float64."""
         return self.alpha(t) ** 2 / self.sigma(t) ** 2
 
+    def flow_timestep(self, t) -> torch.Tensor:
+        """What a flow network (SD3, ComfyUI's CONST models) is fed for table index t: sigma_t * T,
+        not t itself (they differ wherever the shift is not 1: index 749 is 900 at shift 3)."""
+        return self.sigma(t) * self.num_train_timesteps
+
     def k_diffusion_sigma(self, t) -> torch.Tensor:
         """The sigma ComfyUI / k-diffusion use for timestep t: sigma_t / alpha_t for VP models (their
         state is x_t / alpha_t), sigma_t itself for flow models (their state is x_t). Infinite at a

@@ -54,7 +54,7 @@ class SD3Backend(EncodedNegativeBackend):
 
     def network_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """What the transformer is fed for table index t: sigma_t * 1000."""
-        return self.schedule.sigma(t) * self.schedule.num_train_timesteps
+        return self.schedule.flow_timestep(t)
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
         dtype = self.dtype

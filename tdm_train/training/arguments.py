@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..distill import TDMConfig
 from ..errors import BadInput
-from ..recipes import FLOW_FAMILIES, recommended_guidance
+from ..recipes import default_total_steps, recommended_guidance
 
 
 def _csv(text: str) -> list[str]:
@@ -233,9 +233,7 @@ def tdm_config(args: argparse.Namespace, backbone: str | None = None) -> TDMConf
     guidance = getattr(args, "real_guidance_scale", None)
     if guidance is None:
         guidance = recommended_guidance(backbone).scale if backbone else 1.0
-    total_steps = args.total_steps
-    if total_steps is None:  # a flow teacher's grid starts at pure noise, sigma = 1 at index 999
-        total_steps = 1000 if backbone in FLOW_FAMILIES else 900
+    total_steps = args.total_steps if args.total_steps is not None else default_total_steps(backbone)
     return TDMConfig(
         num_steps=args.num_steps,
         total_steps=total_steps,

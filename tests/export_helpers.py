@@ -10,6 +10,7 @@ from tdm_train.tiny_models import save_tiny_pipeline
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 RANK, ALPHA = 4, 2.0
 TIMESTEPS = [899, 674, 449, 224]
+SIZES = ["--height", "16:32:32", "--width", "16:32:32"]  # CLI pixel ranges; the tiny VAE downsamples by 2
 
 
 def random_student_lora(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:

@@ -16,12 +16,11 @@ import onnxruntime  # noqa: F401
 import onnx_graphsurgeon  # noqa: F401
 
 from disk_state import snapshot  # noqa: E402
-from export_helpers import tiny_student  # noqa: E402
+from export_helpers import SIZES, tiny_student  # noqa: E402
 from export.trt import (EXIT_BAD_FILE, EXIT_NONFINITE, EXIT_OUTPUT, EXIT_TOLERANCE,  # noqa: E402
                         main)
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = ["--height", "16:32:32", "--width", "16:32:32"]  # pixels; the tiny VAE downsamples by 2
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import pytest
 import onnxruntime  # noqa: F401
 import onnx_graphsurgeon  # noqa: F401
 
-from export_helpers import TIMESTEPS, tiny_student  # noqa: E402
+from export_helpers import SIZES, TIMESTEPS, tiny_student  # noqa: E402
 
 from export.trt import EXIT_BAD_FILE, EXIT_BAD_INPUT, EXIT_MISSING, EXIT_TOLERANCE, main  # noqa: E402
 
-SIZES = ["--height", "16:32:32", "--width", "16:32:32"]  # pixels; the tiny VAE downsamples by 2
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 import openvino  # noqa: F401  (the dev extra installs it: a missing package fails, not skips)
 
-from export_helpers import tiny_student
+from export_helpers import SIZES, tiny_student
 
 from export.families import example_inputs, shapes_from_manifest
 from export.generate import ExportedStudent
@@ -20,7 +20,6 @@ from export.runtime import OnnxRuntimeRunner, OpenVINORunner, TorchRunner
 from export.trt import main
 from export.validate import TOLERANCES, compare
 
-SIZES = ["--height", "16:32:32", "--width", "16:32:32"]  # pixels; the tiny VAE downsamples by 2
 
 
 @pytest.fixture(scope="module")

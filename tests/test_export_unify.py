@@ -11,14 +11,13 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx_graphsurgeon")
 
-from export_helpers import tiny_student  # noqa: E402
+from export_helpers import SIZES, tiny_student  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from export.trt import EXIT_BAD_INPUT, main  # noqa: E402
 from tdm_train.lora.step_embedding import StepConditions, applied  # noqa: E402
 
-SIZES = ["--height", "16:32:32", "--width", "16:32:32"]
 STEPS = (1, 2, 4)
 
 

@@ -87,14 +87,17 @@ def _dpmsolver(unet, backend: DigitsBackend, noise, labels, steps: int, scale: f
     return x
 
 
-def _distil(teacher, cfg: DigitsDemoConfig, out: Path, tdm: TDMConfig, iterations: int) -> TDMTrainer:
+def distil_student(teacher, cfg: DigitsDemoConfig, out: Path, tdm: TDMConfig, iterations: int,
+                   progress: bool = True) -> TDMTrainer:
+    """One digits student: TDMTrainer over the DigitsBackend with the demo's recipe (``tdm`` says
+    which student: its grid, or its unify set), saved to ``out``; returns the trained trainer."""
     backend = DigitsBackend(copy.deepcopy(teacher), SCHEDULER_CONFIG, NULL_CLASS)
     config = TrainConfig(output_dir=str(out), max_train_steps=iterations, train_batch_size=cfg.batch_size,
                          learning_rate=cfg.learning_rate, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                          checkpointing_steps=iterations, checkpoints_total_limit=1, seed=cfg.seed, tdm=tdm,
                          step_embedding_lr_ratio=cfg.step_embedding_lr_ratio if tdm.unify_steps else None)
     trainer = TDMTrainer(backend, {"class_labels": torch.arange(NUM_CLASSES)}, config)
-    trainer.train(progress=True)
+    trainer.train(progress=progress)
     trainer.backend.model.eval()
     return trainer
 
@@ -109,10 +112,10 @@ def run_digits_demo(cfg: DigitsDemoConfig | None = None, output_dir: str | Path 
     teacher = load_teacher()
     started = time.perf_counter()
     log(f"TDM: distilling the digits teacher into a 4-step student ({cfg.iterations} iterations)")
-    student = _distil(teacher, cfg, out / "tdm", TDMConfig(guidance_scale=cfg.guidance_scale), cfg.iterations)
+    student = distil_student(teacher, cfg, out / "tdm", TDMConfig(guidance_scale=cfg.guidance_scale), cfg.iterations)
     log(f"TDM-unify: a student told K, for {', '.join(map(str, cfg.unify_steps))} steps "
         f"({cfg.unify_iterations} iterations)")
-    unify = _distil(teacher, cfg, out / "tdm_unify",
+    unify = distil_student(teacher, cfg, out / "tdm_unify",
                     TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps),
                               unify_weights=cfg.unify_weights),
                     cfg.unify_iterations)

@@ -1,0 +1,89 @@
+"""How far the digits TDM-unify student is from a student trained for 2 steps only, over seeds.
+
+    .venv/bin/python benchmarks/unify_seeds.py [--seeds 0 1 2] [--eval_samples 2000]
+
+Issue 12 asks the unify student (K in {1, 2, 4}, 200 iterations) for <= 0.8x the fixed 4-step
+student's FID at 2 steps. This trains, per seed and with the README main job's recipe, the fixed
+4-step student (250 iterations), the unify student (200), and a DEDICATED 2-step student (plain
+TDM on the 2-step grid 899/449, 200 iterations: everything the unify student could learn for K = 2
+with all of its batch on K = 2), and prints their FIDs at 1, 2 and 4 steps and the 2-step ratios
+to the fixed student, so the seed-to-seed spread is measured beside the gap. Every student is
+measured as saved (its LoRA file, and the unify student's c_K), on the same noise and classes as
+the main job's table. About 3.5 minutes per seed on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tdm_train.demos.digits.distill import DigitsDemoConfig, distil_student, evaluate, load_student  # noqa: E402
+from tdm_train.demos.digits.teacher import load_teacher  # noqa: E402
+from tdm_train.distill import TDMConfig  # noqa: E402
+from tdm_train.lora.export import DIFFUSERS_FILE  # noqa: E402
+
+STUDENTS = ("tdm", "tdm-unify", "tdm-2step")
+
+
+def train_students(teacher, cfg: DigitsDemoConfig, out: Path) -> dict:
+    """The three students of one seed, reloaded from their files."""
+    recipes = {
+        "tdm": (TDMConfig(guidance_scale=cfg.guidance_scale), cfg.iterations),
+        "tdm-unify": (TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps)),
+                      cfg.unify_iterations),
+        "tdm-2step": (TDMConfig(guidance_scale=cfg.guidance_scale, num_steps=2), cfg.unify_iterations),
+    }
+    students = {}
+    for name, (tdm, iterations) in recipes.items():
+        trainer = distil_student(teacher, cfg, out / name, tdm, iterations, progress=False)
+        students[name] = load_student(trainer.output_dir / DIFFUSERS_FILE, teacher)
+    return students
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval_samples", type=int, default=2000)
+    args = parser.parse_args()
+    teacher = load_teacher()
+    fids: dict[int, dict[tuple[str, int], float]] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            cfg = DigitsDemoConfig(seed=seed, eval_samples=args.eval_samples)
+            students = train_students(teacher, cfg, Path(tmp) / f"seed{seed}")
+            rows, _ = evaluate(teacher, students, cfg, teacher_rows=False)
+            fids[seed] = {(r["method"], r["steps"]): r["fid"] for r in rows}
+            print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    print(f"digits FID (lower is better), {args.eval_samples} samples per cell; ratios at 2 steps are to the "
+          "fixed 4-step student (tdm) of the same seed; target for tdm-unify: <= 0.8\n")
+    head = [f"{name} @{k}" for name in STUDENTS for k in (4, 2, 1) if not (name == "tdm-2step" and k == 4)]
+    print("| seed | " + " | ".join(head) + " | unify/tdm @2 | 2-step/tdm @2 |")
+    print("|---:|" + "---:|" * (len(head) + 2))
+
+    def cells(values: dict) -> list[str]:
+        out = [f"{values[(name, k)]:.1f}" for name in STUDENTS for k in (4, 2, 1)
+               if not (name == "tdm-2step" and k == 4)]
+        out.append(f"{values[('tdm-unify', 2)] / values[('tdm', 2)]:.2f}")
+        out.append(f"{values[('tdm-2step', 2)] / values[('tdm', 2)]:.2f}")
+        return out
+
+    for seed, values in fids.items():
+        print(f"| {seed} | " + " | ".join(cells(values)) + " |")
+    keys = next(iter(fids.values())).keys()
+    mean = {key: statistics.fmean(values[key] for values in fids.values()) for key in keys}
+    print("| mean | " + " | ".join(cells(mean)) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

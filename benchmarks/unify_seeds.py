@@ -37,8 +37,8 @@ def train_students(teacher, cfg: DigitsDemoConfig, out: Path) -> dict:
     """The three students of one seed, reloaded from their files."""
     recipes = {
         "tdm": (TDMConfig(guidance_scale=cfg.guidance_scale), cfg.iterations),
-        "tdm-unify": (TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps)),
-                      cfg.unify_iterations),
+        "tdm-unify": (TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps),
+                                unify_weights=cfg.unify_weights), cfg.unify_iterations),
         "tdm-2step": (TDMConfig(guidance_scale=cfg.guidance_scale, num_steps=2), cfg.unify_iterations),
     }
     students = {}

@@ -116,9 +116,9 @@ def run_digits_demo(cfg: DigitsDemoConfig | None = None, output_dir: str | Path 
     log(f"TDM-unify: a student told K, for {', '.join(map(str, cfg.unify_steps))} steps "
         f"({cfg.unify_iterations} iterations)")
     unify = distil_student(teacher, cfg, out / "tdm_unify",
-                    TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps),
-                              unify_weights=cfg.unify_weights),
-                    cfg.unify_iterations)
+                           TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps),
+                                     unify_weights=cfg.unify_weights),
+                           cfg.unify_iterations)
     training_seconds = time.perf_counter() - started
 
     # the table measures the students as saved (LoRA files, and the unify student's K condition)

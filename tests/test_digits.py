@@ -80,6 +80,15 @@ def test_ci_sized_run_writes_the_students_and_shows_the_headline_claims(tmp_path
     told, not_told = (r["fid"] for r in rows)
     assert told == pytest.approx(fid[("tdm-unify", 1)])
     assert told < 0.8 * not_told, (told, not_told)
+    # rows off the uniform grid (benchmarks/quality_digits.py --two_step_grids): a plan of the trained
+    # grid and K is that row; the plan's K picks the condition, whatever the number of timesteps
+    from tdm_train.demos.digits.distill import Sampling
+
+    rows, _ = evaluate(load_teacher(), {"told": unify}, cfg, student_steps=(Sampling((899,)), Sampling((899,), 4)),
+                       teacher_rows=False)
+    assert [(r["steps"], r["grid"], r["condition"]) for r in rows] == [(1, [899], 1), (1, [899], 4)]
+    assert rows[0]["fid"] == pytest.approx(told)
+    assert abs(rows[1]["fid"] - told) > 1.0, rows  # c_4 applied, not c_1
 
 
 def test_shipped_teacher_makes_the_digits_it_is_asked_for():

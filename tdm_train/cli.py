@@ -16,13 +16,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.demo == "digits":
-        from .demos.digits.distill import DigitsDemoConfig, run_digits_demo
+        from .demos.digits.distill import run_digits_demo
 
-        defaults = DigitsDemoConfig()
-        cfg = DigitsDemoConfig(seed=args.seed, iterations=args.iterations or defaults.iterations,
-                               batch_size=args.batch_size or defaults.batch_size,
-                               eval_samples=args.eval_samples or defaults.eval_samples)
-        run_digits_demo(cfg, output_dir=args.output_dir or "outputs/digits")
+        run_digits_demo(digits_config(args), output_dir=args.output_dir or "outputs/digits")
         return 0
 
     from .demos.gmm_distill import GMMDemoConfig, run_gmm_demo
@@ -37,6 +33,34 @@ def run_demo(args: argparse.Namespace) -> int:
     default_out = "outputs/gmm_flow_demo" if cfg.schedule == "flow" else "outputs/gmm_demo"
     run_gmm_demo(cfg, output_dir=args.output_dir or default_out)
     return 0
+
+
+def digits_config(args: argparse.Namespace):
+    """The digits demo's settings from the flags: TDM's choices (--loss, --tau_mode, --mid_point,
+    --no_importance_weight), --real_guidance_scale and --generator_lr_ratio apply to both of its
+    students; its grids are fixed (a 4-step student and a unify student for 1, 2 and 4 steps), so
+    --num_steps / --total_steps are refused rather than ignored."""
+    from .demos.digits.distill import DigitsDemoConfig
+
+    if args.num_steps != 4 or args.total_steps not in (None, 900):
+        raise BadInput("--num_steps / --total_steps: the digits demo trains a 4-step student on 899/674/449/224 and "
+                       "a TDM-unify student for 1, 2 and 4 steps on their uniform grids; another grid needs "
+                       "--demo gmm or --pretrained_teacher_model")
+    defaults = DigitsDemoConfig()
+    guidance = args.real_guidance_scale if args.real_guidance_scale is not None else defaults.guidance_scale
+    if not args.generator_lr_ratio > 0:
+        raise BadInput(f"--generator_lr_ratio {args.generator_lr_ratio}: a number > 0")
+    cfg = DigitsDemoConfig(seed=args.seed, iterations=args.iterations or defaults.iterations,
+                           batch_size=args.batch_size or defaults.batch_size,
+                           eval_samples=args.eval_samples or defaults.eval_samples, guidance_scale=guidance,
+                           generator_lr_ratio=args.generator_lr_ratio, generator_loss=args.loss,
+                           tau_mode=args.tau_mode, mid_point=args.mid_point,
+                           importance_weighting=not args.no_importance_weight)
+    try:
+        cfg.tdm()
+    except ValueError as error:
+        raise BadInput(f"--real_guidance_scale {guidance}: {error}") from None
+    return cfg
 
 
 def run_training(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import peft  # noqa: F401
 
 from tdm_train.demos.digits.classifier import CLASSIFIER_FILE, load_classifier  # noqa: E402
 from tdm_train.demos.digits.data import load_digits_tensors  # noqa: E402
-from tdm_train.demos.digits.distill import DigitsDemoConfig, load_student, run_digits_demo  # noqa: E402
+from tdm_train.demos.digits.distill import DigitsDemoConfig, distil_student, load_student, run_digits_demo  # noqa: E402
 from tdm_train.demos.digits.metrics import frechet_distance  # noqa: E402
 from tdm_train.demos.digits.teacher import TEACHER_FILE, load_teacher  # noqa: E402
 
@@ -36,6 +36,33 @@ def test_frechet_distance():
     a, b = torch.randn(3000, 8, generator=gen), torch.randn(3000, 8, generator=gen)
     assert frechet_distance(a, b) < 0.05
     assert frechet_distance(a, b + 1.0) == pytest.approx(8.0, rel=0.05)  # |mu shift|^2 = 8
+
+
+def test_the_cli_flags_reach_both_digits_students(tmp_path, capsys):
+    """`python -m tdm_train --loss huber_elementwise ...` on the digits demo: TDM's choices, the
+    guidance and the generator lr ratio reach the trainer of each student (they were ignored
+    before); flags the demo cannot honour (its grids are fixed) are refused before anything runs."""
+    from tdm_train.cli import digits_config, main, parse_args
+
+    assert digits_config(parse_args([])) == DigitsDemoConfig()
+    flags = ["--loss", "huber_elementwise", "--tau_mode", "tail", "--mid_point", "demo", "--no_importance_weight",
+             "--real_guidance_scale", "3", "--generator_lr_ratio", "0.4", "--iterations", "1", "--batch_size", "4"]
+    cfg = digits_config(parse_args(flags))
+    trainer = distil_student(load_teacher(), cfg, tmp_path / "tdm", cfg.tdm(), cfg.iterations, progress=False)
+    tdm = trainer.config.tdm
+    assert (tdm.generator_loss, tdm.tau_mode, tdm.mid_point, tdm.importance_weighting, tdm.guidance_scale) == \
+        ("huber_elementwise", "tail", "demo", False, 3.0)
+    assert trainer.optimizers["student"].param_groups[0]["lr"] == pytest.approx(cfg.learning_rate * 0.4)
+    assert cfg.tdm(unify_steps=(1, 2, 4)).generator_loss == "huber_elementwise"
+
+    for argv, culprit in ((["--num_steps", "2"], "--num_steps"), (["--total_steps", "800"], "--total_steps"),
+                          (["--real_guidance_scale", "0.5"], "--real_guidance_scale 0.5"),
+                          (["--generator_lr_ratio", "0"], "--generator_lr_ratio 0")):
+        out = tmp_path / "never"
+        assert main(argv + ["--output_dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and culprit in err and "Traceback" not in err, err
+        assert not out.exists()
 
 
 def test_ci_sized_run_writes_the_students_and_shows_the_headline_claims(tmp_path):

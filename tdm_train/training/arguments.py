@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = parser.add_argument_group("the embedded demos (no --pretrained_teacher_model)")
     demo.add_argument("--demo", choices=("digits", "gmm"), default="digits",
-                      help="digits (default): the digits teacher, TDM and TDM-unify students, FID table; gmm: the "
+                      help="digits (default): the digits teacher, TDM and TDM-unify students, FID table (both "
+                           "students follow --loss, --tau_mode, --mid_point, --no_importance_weight, "
+                           "--real_guidance_scale, default 2, and --generator_lr_ratio); gmm: the "
                            "2-D Gaussian-mixture toy with an exact teacher")
     demo.add_argument("--iterations", type=int, default=None, help="TDM iterations (digits default 250, gmm 500)")
     demo.add_argument("--prefit-iterations", "--prefit_iterations", dest="prefit_iterations", type=int, default=3000,

@@ -48,9 +48,21 @@ class DigitsDemoConfig:
     lora_rank: int = 16
     lora_alpha: float = 16.0
     guidance_scale: float = 2.0  # CFG of the teacher, in its rows and folded into TDM's target
+    generator_lr_ratio: float = 0.2  # the student's lr / learning_rate (the demo's 1/5)
+    # TDM's choices for both students (TDM_SPEC; the library's defaults)
+    generator_loss: str = "mse"
+    tau_mode: str = "separate"
+    mid_point: str = "grid"
+    importance_weighting: bool = True
     eval_samples: int = 2000
     teacher_steps: int = 50
     threads: int | None = None
+
+    def tdm(self, **student) -> TDMConfig:
+        """The TDM settings of one student: this config's choices plus the student's own (its grid,
+        or its unify set)."""
+        return TDMConfig(guidance_scale=self.guidance_scale, generator_loss=self.generator_loss, tau_mode=self.tau_mode,
+                         mid_point=self.mid_point, importance_weighting=self.importance_weighting, **student)
 
 
 def _labels(n: int) -> torch.Tensor:
@@ -94,7 +106,8 @@ def distil_student(teacher, cfg: DigitsDemoConfig, out: Path, tdm: TDMConfig, it
     backend = DigitsBackend(copy.deepcopy(teacher), SCHEDULER_CONFIG, NULL_CLASS)
     config = TrainConfig(output_dir=str(out), max_train_steps=iterations, train_batch_size=cfg.batch_size,
                          learning_rate=cfg.learning_rate, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                         checkpointing_steps=iterations, checkpoints_total_limit=1, seed=cfg.seed, tdm=tdm,
+                         generator_lr_ratio=cfg.generator_lr_ratio, checkpointing_steps=iterations,
+                         checkpoints_total_limit=1, seed=cfg.seed, tdm=tdm,
                          step_embedding_lr_ratio=cfg.step_embedding_lr_ratio if tdm.unify_steps else None)
     trainer = TDMTrainer(backend, {"class_labels": torch.arange(NUM_CLASSES)}, config)
     trainer.train(progress=progress)
@@ -112,12 +125,11 @@ def run_digits_demo(cfg: DigitsDemoConfig | None = None, output_dir: str | Path 
     teacher = load_teacher()
     started = time.perf_counter()
     log(f"TDM: distilling the digits teacher into a 4-step student ({cfg.iterations} iterations)")
-    student = distil_student(teacher, cfg, out / "tdm", TDMConfig(guidance_scale=cfg.guidance_scale), cfg.iterations)
+    student = distil_student(teacher, cfg, out / "tdm", cfg.tdm(), cfg.iterations)
     log(f"TDM-unify: a student told K, for {', '.join(map(str, cfg.unify_steps))} steps "
         f"({cfg.unify_iterations} iterations)")
     unify = distil_student(teacher, cfg, out / "tdm_unify",
-                           TDMConfig(guidance_scale=cfg.guidance_scale, unify_steps=tuple(cfg.unify_steps),
-                                     unify_weights=cfg.unify_weights),
+                           cfg.tdm(unify_steps=tuple(cfg.unify_steps), unify_weights=cfg.unify_weights),
                            cfg.unify_iterations)
     training_seconds = time.perf_counter() - started
 

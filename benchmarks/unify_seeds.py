@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from tdm_train.demos.digits.distill import DigitsDemoConfig, distil_student, evaluate, load_student  # noqa: E402
 from tdm_train.demos.digits.teacher import load_teacher  # noqa: E402
 from tdm_train.lora.export import DIFFUSERS_FILE  # noqa: E402
+from tdm_train.objectives import GENERATOR_LOSSES  # noqa: E402
 
 STUDENTS = ("tdm", "tdm-unify", "tdm-2step")
 # the table's FID columns: every student at 4, 2 and 1 steps but the 2-step student at 4
@@ -56,7 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval_samples", type=int, default=2000)
-    parser.add_argument("--loss", choices=("mse", "huber_elementwise", "pseudo_huber"), default="mse",
+    parser.add_argument("--loss", choices=GENERATOR_LOSSES, default="mse",
                         help="generator loss of all three students (default mse, the main job's)")
     parser.add_argument("--generator_lr_ratio", type=float, default=0.2,
                         help="student lr / fake-score lr of all three students (default 0.2, the main job's)")

@@ -188,7 +188,7 @@ class TDMTrainer:
             ratio = config.step_embedding_lr_ratio or 1.0
             student_groups.append({"params": list(self.student_step_embedding.parameters()), "lr": generator_lr * ratio})
         self.optimizers = {
-            "fake": torch.optim.AdamW(self._fake_parameters(), lr=config.learning_rate, betas=betas,
+            "fake": torch.optim.AdamW(self.fake_parameters(), lr=config.learning_rate, betas=betas,
                                       weight_decay=config.adam_weight_decay, eps=config.adam_epsilon),
             "student": torch.optim.AdamW(student_groups, lr=generator_lr, betas=betas,
                                          weight_decay=config.adam_weight_decay, eps=config.adam_epsilon),
@@ -226,12 +226,12 @@ class TDMTrainer:
         model.train()
         return roles
 
-    def _fake_parameters(self) -> list[torch.nn.Parameter]:
+    def fake_parameters(self) -> list[torch.nn.Parameter]:
         """The fake score's trainable parameters: its LoRA, plus the K embedding in unify mode."""
         extra = list(self.step_embedding.parameters()) if self.step_embedding is not None else []
         return self.roles.parameters("fake") + extra
 
-    def _student_parameters(self) -> list[torch.nn.Parameter]:
+    def student_parameters(self) -> list[torch.nn.Parameter]:
         """The student's trainable parameters: its LoRA, plus its own K embedding in unify mode."""
         extra = list(self.student_step_embedding.parameters()) if self.student_step_embedding is not None else []
         return self.roles.parameters("student") + extra
@@ -244,7 +244,7 @@ class TDMTrainer:
         return noise.to(self.device), cond, self.backend.unconditional(cond)
 
     def _parameters(self, adapter: str) -> list[torch.nn.Parameter]:
-        return self._fake_parameters() if adapter == "fake" else self._student_parameters()
+        return self.fake_parameters() if adapter == "fake" else self.student_parameters()
 
     def _accumulate(self, loss: torch.Tensor, adapter: str, last: bool, healthy: bool) -> bool:
         """Backward of one micro-batch's loss into the adapter's gradients. Returns whether the

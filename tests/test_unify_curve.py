@@ -1,0 +1,54 @@
+"""benchmarks/unify_curve.py's snapshots: every saved file is the student at that iteration (its
+weights as trained, or their EMA), and taking the snapshots leaves the training run unchanged."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tdm_train.demos.digits.distill import DigitsDemoConfig, distil_student
+from tdm_train.demos.digits.teacher import load_teacher
+from tdm_train.lora.export import DIFFUSERS_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _curve_module():
+    spec = importlib.util.spec_from_file_location("unify_curve", ROOT / "benchmarks" / "unify_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_snapshots_are_the_raw_and_ema_students_and_leave_training_alone(tmp_path):
+    curve = _curve_module()
+    teacher = load_teacher()
+    cfg = DigitsDemoConfig(batch_size=8, step_embedding_lr_ratio=3.0)
+    tdm = cfg.tdm(unify_steps=(1, 2, 4))
+    decay = 0.6
+    snapshots = curve.Snapshots(tmp_path / "snap", every=1, decays=[decay])
+    distil_student(teacher, cfg, tmp_path / "with", tdm, 4, progress=False, on_step=snapshots)
+    distil_student(teacher, cfg, tmp_path / "without", tdm, 4, progress=False)
+
+    # the run with snapshots ends where the run without them does (the EMA swaps were undone)
+    final = load_file(str(tmp_path / "with" / DIFFUSERS_FILE))
+    assert final.keys() == load_file(str(tmp_path / "without" / DIFFUSERS_FILE)).keys()
+    for key, value in load_file(str(tmp_path / "without" / DIFFUSERS_FILE)).items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=0)
+
+    # raw at step 4 is the final student; the EMA file is the EMA of the raw files, key by key,
+    # LoRA and K condition alike (c_K is linear in the K embedding's weights)
+    raw = [load_file(str(tmp_path / "snap" / str(step) / "raw" / DIFFUSERS_FILE)) for step in range(1, 5)]
+    ema = load_file(str(tmp_path / "snap" / "4" / f"ema{decay:g}" / DIFFUSERS_FILE))
+    assert [(s, w) for s, w, _ in snapshots.saved] == [(s, w) for s in range(1, 5) for w in ("raw", f"ema{decay:g}")]
+    assert any(k.startswith("tdm_step_embedding") for k in ema)
+    changed = 0
+    for key in final:
+        torch.testing.assert_close(raw[3][key], final[key], rtol=0, atol=0)
+        expected = raw[0][key].clone()
+        for later in raw[1:]:
+            expected = decay * expected + (1 - decay) * later[key]
+        torch.testing.assert_close(ema[key], expected, rtol=1e-5, atol=1e-7)
+        changed += not torch.equal(ema[key], final[key])
+    assert changed > len(final) // 2  # the EMA is not the raw student

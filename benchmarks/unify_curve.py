@@ -18,6 +18,7 @@ student (``*`` marks a ratio that meets its target). 4-6 minutes per seed on 2 c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import tempfile
@@ -70,24 +71,22 @@ class Snapshots:
         self.saved.append((trainer.step, weights, diffusers_file))
 
 
-class _swapped:
-    """Within the block the parameters hold ``values`` (and ``values`` holds theirs)."""
+@contextlib.contextmanager
+def _swapped(parameters, values):
+    """Within the block the parameters hold ``values``; afterwards both hold their own again."""
 
-    def __init__(self, parameters, values):
-        self.parameters, self.values = parameters, values
-
-    def _swap(self):
+    def swap():
         with torch.no_grad():
-            for p, v in zip(self.parameters, self.values):
+            for p, v in zip(parameters, values):
                 held = p.detach().clone()
                 p.copy_(v)
                 v.copy_(held)
 
-    def __enter__(self):
-        self._swap()
-
-    def __exit__(self, *exc):
-        self._swap()
+    swap()
+    try:
+        yield
+    finally:
+        swap()
 
 
 def main() -> int:
@@ -103,7 +102,8 @@ def main() -> int:
                         help="how often K = 1, 2, 4 is drawn (default uniform)")
     parser.add_argument("--unify_batch_size", type=int, default=None,
                         help="the unify student's batch (default the fixed student's, 64)")
-    parser.add_argument("--fixed_iterations", type=int, default=250, help="fixed 4-step student (default 250, the main job's)")
+    parser.add_argument("--fixed_iterations", type=int, default=250,
+                        help="fixed 4-step student's iterations (default 250, the main job's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval_samples", type=int, default=1000)
     args = parser.parse_args()
@@ -112,7 +112,8 @@ def main() -> int:
     if any(not 0 < d < 1 for d in args.ema):
         parser.error("--ema decays must lie in (0, 1)")
 
-    cfg = DigitsDemoConfig(seed=args.seed, iterations=args.fixed_iterations, eval_samples=args.eval_samples, generator_lr_ratio=args.generator_lr_ratio,
+    cfg = DigitsDemoConfig(seed=args.seed, iterations=args.fixed_iterations, eval_samples=args.eval_samples,
+                           generator_lr_ratio=args.generator_lr_ratio,
                            step_embedding_lr_ratio=args.step_embedding_lr_ratio,
                            unify_weights=tuple(args.unify_weights) if args.unify_weights else None)
     teacher = load_teacher()
@@ -130,9 +131,9 @@ def main() -> int:
         rows, _ = evaluate(teacher, students, cfg, student_steps=STEPS, teacher_rows=False)
     fid = {(r["method"], r["steps"]): r["fid"] for r in rows}
 
-    weights = f"{args.unify_weights}" if args.unify_weights else "uniform"
+    draws = " / ".join(f"{w:g}" for w in args.unify_weights) if args.unify_weights else "uniform"
     print(f"digits FID (lower is better), seed {args.seed}, {args.eval_samples} samples per cell; generator lr ratio "
-          f"{args.generator_lr_ratio:g}, K-embedding lr ratio {args.step_embedding_lr_ratio:g}, K weights {weights}, "
+          f"{args.generator_lr_ratio:g}, K-embedding lr ratio {args.step_embedding_lr_ratio:g}, K weights {draws}, "
           f"unify batch {unify_cfg.batch_size}; "
           f"training {training:.0f} s\n")
     print(f"fixed 4-step student ({cfg.iterations} iterations): "

@@ -12,6 +12,7 @@ import peft  # noqa: F401
 import transformers  # noqa: F401
 
 from tdm_train.cli import parse_args  # noqa: E402
+from tdm_train.errors import EXIT_BAD_FILE  # noqa: E402
 from tdm_train.training.prompts import read_prompts  # noqa: E402
 from tdm_train.tiny_models import save_tiny_pipeline  # noqa: E402
 
@@ -55,6 +56,10 @@ def test_sdxl_run_from_a_config_file_with_flag_overrides_then_resume(pipelines, 
     assert "TDM sdxl: 3 steps" in second.stdout and (out / "checkpoint-3").is_dir()
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["config"]["lora_alpha"] == 2.0 and state["config"]["tdm"]["guidance_scale"] == 2.0
+    # a run without EMA cannot be continued as one with it (nor the reverse): refused before models load
+    third = run("--config", config, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", "--use_ema")
+    assert third.returncode == EXIT_BAD_FILE and "no EMA there, --use_ema here" in third.stderr, third.stderr[-2000:]
+    assert "Traceback" not in third.stderr and not (out / "checkpoint-4").exists()
 
 
 @pytest.mark.parametrize("backbone, extra, guidance", [
@@ -159,17 +164,19 @@ def test_tensorboard_gets_losses_and_validation_images(pipelines, prompts, tmp_p
     assert len(events.Scalars("generator_loss")) == 2
 
 
-def test_accumulation_precision_and_bucket_flags_reach_the_training_config(pipelines, prompts):
+def test_accumulation_precision_bucket_and_ema_flags_reach_the_training_config(pipelines, prompts):
     from tdm_train.training.run import check_args
 
     args = parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]), "--prompts", str(prompts),
                        "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16", "--ddp_bucket_cap_mb", "50",
-                       "--output_dir", str(prompts.parent / "never")])
+                       "--use_ema", "--ema_decay", "0.99", "--output_dir", str(prompts.parent / "never")])
     _, _, config = check_args(args)
     assert (config.gradient_accumulation_steps, config.mixed_precision, config.ddp_bucket_cap_mb) == (4, "fp16", 50.0)
+    assert (config.use_ema, config.ema_decay) == (True, 0.99)
     _, _, defaults = check_args(parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]),
                                             "--prompts", str(prompts), "--output_dir", str(prompts.parent / "never")]))
     assert (defaults.gradient_accumulation_steps, defaults.ddp_bucket_cap_mb) == (1, 25.0)
+    assert (defaults.use_ema, defaults.ema_decay) == (False, 0.9999)  # off, as in the demo; EMAModel's decay
 
 
 def _lora(folder):

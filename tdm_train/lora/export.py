@@ -26,7 +26,7 @@ import torch
 
 from .. import atomic
 from ..recipes import describe_guidance
-from .metadata import SETTINGS_KEY, STRENGTH_KEY, TRAINING_CFG_KEY
+from .metadata import EMA_DECAY_KEY, SETTINGS_KEY, STRENGTH_KEY, TRAINING_CFG_KEY
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "tdm_lora_comfyui.safetensors"
@@ -118,12 +118,14 @@ def lora_metadata(backend_name: str, rank: int, alpha: float, target_modules, ti
 def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[str, torch.Tensor], rank: int,
                       alpha: float, target_modules, timesteps: list[int], steps_trained: int,
                       extra_sampling: dict | None = None, training_cfg: float | None = None,
-                      step_conditions=None, family: str | None = None) -> tuple[Path, Path]:
+                      step_conditions=None, family: str | None = None,
+                      ema_decay: float | None = None) -> tuple[Path, Path]:
     """Writes both files and the model card; returns (diffusers file, ComfyUI file).
     ``training_cfg``: the teacher guidance it was trained with, recorded in both.
     ``step_conditions``: a TDM-unify student's :class:`~tdm_train.lora.step_embedding.StepConditions`
     (its c_K tensors and metadata go into both files), None for a fixed-K student. ``family``: the
-    recipe family the model card names the guidance's source by (default the backend's name)."""
+    recipe family the model card names the guidance's source by (default the backend's name).
+    ``ema_decay``: the weights are the EMA of the student's with that decay (``tdm.ema_decay``)."""
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save a LoRA with non-finite weights: {bad[:4]}")
@@ -135,6 +137,8 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
         extra_sampling = {**(extra_sampling or {}), "unify_steps": step_conditions.steps}
     meta = lora_metadata(family if family in ARCHITECTURES else backend_name, rank, alpha, target_modules,
                          timesteps, steps_trained, extra_sampling, training_cfg=training_cfg)
+    if ema_decay is not None:
+        meta[EMA_DECAY_KEY] = f"{float(ema_decay):g}"
     if step_conditions is not None:
         meta.update(step_conditions.metadata())
         condition_tensors = step_conditions.tensors()
@@ -157,14 +161,16 @@ def save_student_lora(output_dir: str | Path, backend_name: str, state: Mapping[
         comfy, comfy_meta = diffusers_state_dict(state, component), diffusers_meta
     atomic.save_safetensors({**comfy, **condition_tensors}, comfy_path, comfy_meta)
     _write_model_card(output_dir, backend_name, rank, alpha, timesteps, steps_trained, training_cfg, step_conditions,
-                      family or backend_name)
+                      family or backend_name, ema_decay)
     return diffusers_path, comfy_path
 
 
 def _write_model_card(output_dir: Path, backend_name: str, rank: int, alpha: float, timesteps: list[int],
                       steps_trained: int, training_cfg: float | None = None, step_conditions=None,
-                      family: str | None = None) -> None:
+                      family: str | None = None, ema_decay: float | None = None) -> None:
     grid = ", ".join(str(t) for t in timesteps)
+    ema = ("" if ema_decay is None else f"Its weights are the EMA of the student's (decay {float(ema_decay):g}, "
+           "through diffusers EMAModel's ramp (1 + n) / (10 + n)).\n")
     guidance = ("" if training_cfg is None else "Teacher guidance (CFG) distilled into it: "
                 f"{describe_guidance(float(training_cfg), family or backend_name)}.\n")
     unify = _unify_card(step_conditions, timesteps[0] + 1) if step_conditions is not None else ""
@@ -172,7 +178,7 @@ def _write_model_card(output_dir: Path, backend_name: str, rank: int, alpha: flo
 
 Distilled with TDM (Trajectory Distribution Matching, Luo et al., ICCV 2025) by ComfyUI-TDM:
 {steps_trained} training steps, LoRA rank {rank}, alpha {alpha:g} (scale {alpha / rank:g}).
-{guidance}
+{guidance}{ema}
 ## Inference settings (the ones it was trained for)
 - {len(timesteps)} steps at exactly these timesteps: **{grid}**, starting from pure N(0, I) noise
   at {timesteps[0]}, deterministic DDIM steps (eta 0), guidance scale **1** (no CFG), LoRA strength 1.

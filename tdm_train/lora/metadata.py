@@ -14,6 +14,7 @@ from pathlib import PurePath
 STRENGTH_KEY = "tdm.lora_strength"
 SETTINGS_KEY = "tdm.sampling"  # JSON: {"preset": ..., "steps": ..., "shift": ..., "timesteps": [...]}
 TRAINING_CFG_KEY = "tdm.training_cfg"  # the teacher guidance distilled into the student (it samples at cfg 1)
+EMA_DECAY_KEY = "tdm.ema_decay"  # present when the weights are an EMA of the trained student's
 
 
 @dataclass(frozen=True)

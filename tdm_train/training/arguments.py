@@ -136,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --unify_steps: lr of the student's K embedding relative to the generator lr "
                             "(default 1: the same)")
     train.add_argument("--max_nonfinite_in_a_row", type=int, default=5)
+    train.add_argument("--use_ema", action="store_true",
+                       help="keep an EMA of the student's weights (LoRA and K embedding) and export it, as the "
+                            "official demo's --use_ema (diffusers' EMAModel; checkpoints hold both)")
+    train.add_argument("--ema_decay", type=float, default=0.9999,
+                       help="with --use_ema: the EMA's decay, reached through EMAModel's ramp (1 + n) / (10 + n) "
+                            "(default 0.9999, EMAModel's and the demo's)")
     return parser
 
 

@@ -73,6 +73,8 @@ def check_args(args: argparse.Namespace) -> tuple[str, list[str], TrainConfig]:
         fake_updates_per_generator=args.fake_updates_per_generator,
         step_embedding_lr_ratio=getattr(args, "step_embedding_lr_ratio", None),
         max_nonfinite_in_a_row=args.max_nonfinite_in_a_row,
+        use_ema=args.use_ema,
+        ema_decay=args.ema_decay,
         ddp_bucket_cap_mb=args.ddp_bucket_cap_mb,
         tdm=tdm,
     )
@@ -126,6 +128,8 @@ def _check_resume(output_dir: Path, resume: str, backbone: str, denoiser_config:
     accumulation = state.get("gradient_accumulation_steps", 1)
     if accumulation != config.gradient_accumulation_steps:
         differs.append(f"gradient_accumulation_steps {accumulation} there, {config.gradient_accumulation_steps} here")
+    if ("ema" in state) != config.use_ema:  # the trainer's state holds the EMA's update count when it has one
+        differs.append(f"{'--use_ema' if 'ema' in state else 'no EMA'} there, {'--use_ema' if config.use_ema else 'no EMA'} here")
     if not config.tdm.unify_steps and state.get("timesteps") not in (None, config.tdm.grid()):
         differs.append(f"timesteps {state['timesteps']} there, {config.tdm.grid()} here")
     if differs:
@@ -182,7 +186,8 @@ def train_from_args(args: argparse.Namespace) -> dict:
 
         def on_step(t):
             if t.step % args.validation_steps == 0 and accelerator.is_main_process:
-                validator.run()
+                with t.exported_weights():  # the student as it would be saved now (its EMA with --use_ema)
+                    validator.run()
     summary = trainer.train(on_step=on_step)
     if args.report_to:
         accelerator.end_training()

@@ -15,6 +15,11 @@ Precision: the frozen base runs in ``mixed_precision``'s dtype, the LoRA weights
 states stay fp32. fp16 adds dynamic loss scaling (one GradScaler per adapter): without it the
 gradients that travel back through fp16 activations to the LoRA underflow at SDXL/CogVideoX
 sizes. bf16 has fp32's exponent range and needs no scaler (and is the recommended choice).
+
+EMA (``use_ema``, as the official demo's ``--use_ema``): diffusers' EMAModel over the student's
+trainable weights (LoRA, and the K embedding in unify mode), updated after every applied generator
+update with EMAModel's decay ramp min(decay, (1 + n) / (10 + n)). The exported LoRA holds the EMA
+weights (the official releases ship their ``ema_parameters``); checkpoints hold both.
 """
 
 from __future__ import annotations
@@ -72,6 +77,8 @@ class TrainConfig:
     step_embedding_lr_ratio: float | None = None
     max_nonfinite_in_a_row: int = 5
     ddp_bucket_cap_mb: float = 25.0  # size of the gradient buckets all-reduced during backward (DDP's default)
+    use_ema: bool = False  # export an EMA of the student's weights (the demo's --use_ema)
+    ema_decay: float = 0.9999  # diffusers EMAModel's default, which the demo keeps
     tdm: TDMConfig = field(default_factory=TDMConfig)
 
     def __post_init__(self):
@@ -98,6 +105,8 @@ class TrainConfig:
             problems.append("--checkpointing_steps must be >= 1")
         if self.max_nonfinite_in_a_row < 1:
             problems.append("--max_nonfinite_in_a_row must be >= 1")
+        if not 0 < self.ema_decay < 1:
+            problems.append(f"--ema_decay must lie in (0, 1), got {self.ema_decay}")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
 
@@ -205,6 +214,11 @@ class TDMTrainer:
         self.scalers = {adapter: torch.amp.GradScaler(self.device.type, enabled=config.mixed_precision == "fp16")
                         for adapter in ("student", "fake")}
         self.gradient_averager = BucketedGradientAverager(self.world_size, config.ddp_bucket_cap_mb)
+        self.ema = None
+        if config.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.student_parameters(), decay=config.ema_decay)
         # all randomness of the loop (batches, noise, k, tau, z) comes from this per-process generator
         self.generator = torch.Generator().manual_seed(config.seed + 1000 * self.rank)
         self.step = 0
@@ -316,6 +330,9 @@ class TDMTrainer:
                 gen_losses.append(float(gen_loss.detach()))
                 gen_stats.append(stats)
             norm, skipped = self._step("student", cfg.max_grad_norm, healthy)
+            if self.ema is not None and norm is not None:  # only updates that were applied move the average
+                # inside the student's role: EMAModel copies, not averages, parameters without requires_grad
+                self.ema.step(self.student_parameters())
         nonfinite |= not healthy or (norm is None and not skipped)
         overflow |= skipped
         self.schedulers["student"].step()
@@ -387,6 +404,9 @@ class TDMTrainer:
                 adapters["fake_step_embedding"] = {k: v.detach().clone() for k, v in self.step_embedding.state_dict().items()}
                 adapters["student_step_embedding"] = {k: v.detach().clone()
                                                       for k, v in self.student_step_embedding.state_dict().items()}
+            if self.ema is not None:  # positional, in student_parameters() order
+                adapters["student_ema"] = {f"{i:05d}": p.detach().clone() for i, p in enumerate(self.ema.shadow_params)}
+                state["ema"] = {"decay": self.ema.decay, "optimization_step": self.ema.optimization_step}
             try:
                 ckpt.write_shared(tmp, adapters, self.optimizers, self.schedulers, state, self.scalers, self.history)
             except BaseException:  # disk full, interrupted: no half-written checkpoint folder stays behind
@@ -441,6 +461,12 @@ class TDMTrainer:
                 raise ValueError(f"{path} was written before the TDM-unify student was conditioned on K (it holds "
                                  "the fake score's K embedding only): it cannot be resumed as a K-conditioned "
                                  "student; start a fresh run (a new --output_dir, or no --resume_from_checkpoint)")
+        if (self.ema is not None) != ("student_ema" in data["adapters"]):
+            raise IncompatibleFile(f"{path} was trained {'with' if 'student_ema' in data['adapters'] else 'without'} "
+                                   "--use_ema; resume with the same setting to continue exactly")
+        if self.ema is not None:
+            shadow = data["adapters"]["student_ema"]
+            self.ema.load_state_dict({**state["ema"], "shadow_params": [shadow[k].to(self.device) for k in sorted(shadow)]})
         for adapter in ("student", "fake"):
             self.roles.load_state_dict(adapter, {k: v.to(self.device) for k, v in data["adapters"][adapter].items()})
             self.optimizers[adapter].load_state_dict(data["optimizers"][adapter])
@@ -500,8 +526,28 @@ class TDMTrainer:
         self.accelerator.wait_for_everyone()
         return summary
 
+    @contextlib.contextmanager
+    def exported_weights(self):
+        """Within the block the student holds the weights it is exported with: its EMA with
+        ``use_ema``, else its trained weights. They are restored afterwards."""
+        if self.ema is None:
+            yield
+            return
+        parameters = self.student_parameters()
+        self.ema.store(parameters)
+        self.ema.copy_to(parameters)
+        try:
+            yield
+        finally:
+            self.ema.restore(parameters)
+
     def export_lora(self) -> tuple[Path, Path]:
-        """The final student LoRA: diffusers file, ComfyUI file, model card (lora_export.py)."""
+        """The final student LoRA: diffusers file, ComfyUI file, model card (lora_export.py); the
+        EMA weights with ``use_ema``."""
+        with self.exported_weights():
+            return self._save_lora()
+
+    def _save_lora(self) -> tuple[Path, Path]:
         from ..lora.export import save_student_lora
 
         cfg = self.config
@@ -510,7 +556,7 @@ class TDMTrainer:
                                  cfg.lora_alpha, targets, self.objective.timesteps, self.step,
                                  extra_sampling=self.backend.sampling_metadata(self.objective.timesteps) or None,
                                  training_cfg=cfg.tdm.guidance_scale, step_conditions=self.step_conditions(),
-                                 family=self.backend.family)
+                                 family=self.backend.family, ema_decay=cfg.ema_decay if self.ema is not None else None)
 
     def step_conditions(self):
         """The TDM-unify student's K condition as it travels with its LoRA (lora/step_embedding.py):

@@ -2,15 +2,18 @@
 saved every few iterations, raw and as an EMA of its weights, beside the fixed 4-step student.
 
     .venv/bin/python benchmarks/unify_curve.py [--iterations 600] [--every 100] [--ema 0.98]
-        [--generator_lr_ratio 0.4] [--step_embedding_lr_ratio 3] [--unify_weights 0.2 0.4 0.4]
-        [--unify_batch_size 64] [--seed 0] [--eval_samples 1000]
+        [--trainer_ema 0.9999] [--generator_lr_ratio 0.4] [--fixed_generator_lr_ratio 0.2]
+        [--step_embedding_lr_ratio 3] [--unify_weights 0.2 0.4 0.4] [--unify_batch_size 64] [--seed 0]
+        [--eval_samples 1000]
 
 The README main job trains the unify student (K in {1, 2, 4}) for 200 iterations, inside a 5-minute
 budget; issue 12 asks it for <= 0.8x the fixed 4-step student's FID at 1 and 2 steps and <= 1.15x at
 4 steps. This trains the fixed student (250 iterations) and one unify student for ``--iterations``
-with the same recipe (``--generator_lr_ratio`` applies to both), writes the unify student's LoRA
-every ``--every`` iterations (its weights as trained, and the EMA of every ``--ema`` decay: LoRA
-and K embedding, updated after each iteration), measures every file as saved on the same noise and
+with the same recipe (``--generator_lr_ratio`` applies to both unless ``--fixed_generator_lr_ratio``
+gives the fixed student its own), writes the unify student's LoRA every ``--every`` iterations (its
+weights as trained, and the EMA of every ``--ema`` decay: LoRA and K embedding, updated after each
+iteration; with ``--trainer_ema D`` also the trainer's own EMA, ``use_ema`` with decay D, as
+``python -m tdm_train --use_ema`` keeps it), measures every file as saved on the same noise and
 classes, and prints FID at 4, 2 and 1 steps per iteration with the three ratios to the fixed
 student (``*`` marks a ratio that meets its target). 4-6 minutes per seed on 2 cores.
 """
@@ -58,6 +61,8 @@ class Snapshots:
         if trainer.step % self.every:
             return
         self._export(trainer, "raw")
+        if trainer.ema is not None:
+            self._export(trainer, "trainer-ema")
         for decay, average in self.averages.items():
             with _swapped(parameters, average):
                 self._export(trainer, f"ema{decay:g}")
@@ -65,7 +70,7 @@ class Snapshots:
     def _export(self, trainer, weights: str) -> None:
         final_dir, trainer.output_dir = trainer.output_dir, self.root / str(trainer.step) / weights
         try:
-            diffusers_file, _ = trainer.export_lora()
+            diffusers_file, _ = trainer.export_lora(ema=weights == "trainer-ema")
         finally:
             trainer.output_dir = final_dir
         self.saved.append((trainer.step, weights, diffusers_file))
@@ -94,8 +99,12 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=600, help="unify iterations (default 600; main job 200)")
     parser.add_argument("--every", type=int, default=100, help="save and measure every N iterations")
     parser.add_argument("--ema", type=float, nargs="*", default=[0.98], help="EMA decays of the student's weights")
+    parser.add_argument("--trainer_ema", type=float, default=None, metavar="DECAY",
+                        help="train the unify student with the trainer's EMA (use_ema) of this decay")
     parser.add_argument("--generator_lr_ratio", type=float, default=0.4,
                         help="student lr / fake-score lr, both students (default 0.4; main job 0.2)")
+    parser.add_argument("--fixed_generator_lr_ratio", type=float, default=None,
+                        help="the fixed student's own ratio (default --generator_lr_ratio; main job 0.2)")
     parser.add_argument("--step_embedding_lr_ratio", type=float, default=3.0,
                         help="unify K-embedding lr / generator lr (default 3; main job 10)")
     parser.add_argument("--unify_weights", type=float, nargs=3, default=None, metavar=("W1", "W2", "W4"),
@@ -109,7 +118,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.every < 1 or args.iterations < args.every:
         parser.error("--every must be >= 1 and <= --iterations")
-    if any(not 0 < d < 1 for d in args.ema):
+    if any(not 0 < d < 1 for d in args.ema + ([args.trainer_ema] if args.trainer_ema is not None else [])):
         parser.error("--ema decays must lie in (0, 1)")
 
     cfg = DigitsDemoConfig(seed=args.seed, iterations=args.fixed_iterations, eval_samples=args.eval_samples,
@@ -119,12 +128,14 @@ def main() -> int:
     teacher = load_teacher()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        fixed = distil_student(teacher, cfg, Path(tmp) / "tdm", cfg.tdm(), cfg.iterations, progress=False)
+        fixed_ratio = args.fixed_generator_lr_ratio or args.generator_lr_ratio
+        fixed = distil_student(teacher, dataclasses.replace(cfg, generator_lr_ratio=fixed_ratio), Path(tmp) / "tdm",
+                               cfg.tdm(), cfg.iterations, progress=False)
         snapshots = Snapshots(Path(tmp) / "unify", args.every, args.ema)
         unify_cfg = dataclasses.replace(cfg, batch_size=args.unify_batch_size or cfg.batch_size)
         distil_student(teacher, unify_cfg, Path(tmp) / "unify" / "final",
                        cfg.tdm(unify_steps=tuple(cfg.unify_steps), unify_weights=cfg.unify_weights),
-                       args.iterations, progress=False, on_step=snapshots)
+                       args.iterations, progress=False, on_step=snapshots, ema_decay=args.trainer_ema)
         training = time.perf_counter() - started
         students = {"tdm": load_student(fixed.output_dir / DIFFUSERS_FILE, teacher)}
         students.update({(step, weights): load_student(path, teacher) for step, weights, path in snapshots.saved})
@@ -136,7 +147,7 @@ def main() -> int:
           f"{args.generator_lr_ratio:g}, K-embedding lr ratio {args.step_embedding_lr_ratio:g}, K weights {draws}, "
           f"unify batch {unify_cfg.batch_size}; "
           f"training {training:.0f} s\n")
-    print(f"fixed 4-step student ({cfg.iterations} iterations): "
+    print(f"fixed 4-step student ({cfg.iterations} iterations, generator lr ratio {fixed_ratio:g}): "
           + ", ".join(f"{fid[('tdm', k)]:.1f} at {k}" for k in STEPS) + "\n")
     print("| unify iterations | weights | " + " | ".join(f"@{k}" for k in STEPS) + " | "
           + " | ".join(f"/tdm @{k} (<= {TARGETS[k]:g})" for k in STEPS) + " |")

@@ -57,6 +57,14 @@ def test_exported_lora_is_the_ema_of_the_trained_weights_lora_and_k_embedding(tm
         assert f.metadata()[EMA_DECAY_KEY] == "0.6"
     assert "EMA of the student's (decay 0.6" in (tmp_path / "README.md").read_text()
 
+    trainer.output_dir = tmp_path / "trained"  # ema=False: the weights as trained, and no EMA claim
+    trained_file, _ = trainer.export_lora(ema=False)
+    saved = load_file(str(trained_file))
+    for key, value in diffusers_state_dict(trainer.roles.state_dict("student"), "unet").items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
+    with safe_open(str(trained_file), "pt") as f:
+        assert EMA_DECAY_KEY not in f.metadata()
+
 
 def test_skipped_updates_do_not_move_the_average(tmp_path):
     from test_trainer import NaNAfter

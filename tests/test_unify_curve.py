@@ -52,3 +52,28 @@ def test_snapshots_are_the_raw_and_ema_students_and_leave_training_alone(tmp_pat
         torch.testing.assert_close(ema[key], expected, rtol=1e-5, atol=1e-7)
         changed += not torch.equal(ema[key], final[key])
     assert changed > len(final) // 2  # the EMA is not the raw student
+
+
+def test_trainer_ema_snapshots_are_the_trainers_average_of_the_raw_files(tmp_path):
+    """--trainer_ema: the unify student trains with use_ema; each snapshot holds its trained weights
+    (raw) and the trainer's EMA, which is EMAModel's ramp over the raw files; the final file is that EMA."""
+    curve = _curve_module()
+    teacher = load_teacher()
+    cfg = DigitsDemoConfig(batch_size=8, step_embedding_lr_ratio=3.0)
+    snapshots = curve.Snapshots(tmp_path / "snap", every=1, decays=[])
+    distil_student(teacher, cfg, tmp_path / "final", cfg.tdm(unify_steps=(1, 2, 4)), 4, progress=False,
+                   on_step=snapshots, ema_decay=0.6)
+    assert [(s, w) for s, w, _ in snapshots.saved] == [(s, w) for s in range(1, 5) for w in ("raw", "trainer-ema")]
+    raw = [load_file(str(tmp_path / "snap" / str(step) / "raw" / DIFFUSERS_FILE)) for step in range(1, 5)]
+    ema = load_file(str(tmp_path / "snap" / "4" / "trainer-ema" / DIFFUSERS_FILE))
+    final = load_file(str(tmp_path / "final" / DIFFUSERS_FILE))
+    changed = 0
+    for key in ema:
+        expected = raw[0][key].clone()
+        for n, later in enumerate(raw[1:], start=2):
+            d = min(0.6, n / (9 + n))  # diffusers EMAModel without warmup: 0 at the first update
+            expected = d * expected + (1 - d) * later[key]
+        torch.testing.assert_close(ema[key], expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(final[key], ema[key], rtol=0, atol=0)
+        changed += not torch.equal(ema[key], raw[3][key])
+    assert changed > len(ema) // 2

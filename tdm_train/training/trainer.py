@@ -527,10 +527,10 @@ class TDMTrainer:
         return summary
 
     @contextlib.contextmanager
-    def exported_weights(self):
+    def exported_weights(self, ema: bool = True):
         """Within the block the student holds the weights it is exported with: its EMA with
-        ``use_ema``, else its trained weights. They are restored afterwards."""
-        if self.ema is None:
+        ``use_ema`` (unless ``ema`` is False), else its trained weights. They are restored afterwards."""
+        if self.ema is None or not ema:
             yield
             return
         parameters = self.student_parameters()
@@ -541,13 +541,13 @@ class TDMTrainer:
         finally:
             self.ema.restore(parameters)
 
-    def export_lora(self) -> tuple[Path, Path]:
+    def export_lora(self, ema: bool = True) -> tuple[Path, Path]:
         """The final student LoRA: diffusers file, ComfyUI file, model card (lora_export.py); the
-        EMA weights with ``use_ema``."""
-        with self.exported_weights():
-            return self._save_lora()
+        EMA weights with ``use_ema``, the trained ones with ``ema=False`` (e.g. a snapshot of both)."""
+        with self.exported_weights(ema):
+            return self._save_lora(self.config.ema_decay if self.ema is not None and ema else None)
 
-    def _save_lora(self) -> tuple[Path, Path]:
+    def _save_lora(self, ema_decay: float | None) -> tuple[Path, Path]:
         from ..lora.export import save_student_lora
 
         cfg = self.config
@@ -556,7 +556,7 @@ class TDMTrainer:
                                  cfg.lora_alpha, targets, self.objective.timesteps, self.step,
                                  extra_sampling=self.backend.sampling_metadata(self.objective.timesteps) or None,
                                  training_cfg=cfg.tdm.guidance_scale, step_conditions=self.step_conditions(),
-                                 family=self.backend.family, ema_decay=cfg.ema_decay if self.ema is not None else None)
+                                 family=self.backend.family, ema_decay=ema_decay)
 
     def step_conditions(self):
         """The TDM-unify student's K condition as it travels with its LoRA (lora/step_embedding.py):

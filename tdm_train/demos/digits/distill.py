@@ -100,16 +100,18 @@ def _dpmsolver(unet, backend: DigitsBackend, noise, labels, steps: int, scale: f
 
 
 def distil_student(teacher, cfg: DigitsDemoConfig, out: Path, tdm: TDMConfig, iterations: int,
-                   progress: bool = True, on_step=None) -> TDMTrainer:
+                   progress: bool = True, on_step=None, ema_decay: float | None = None) -> TDMTrainer:
     """One digits student: TDMTrainer over the DigitsBackend with the demo's recipe (``tdm`` says
     which student: its grid, or its unify set), saved to ``out``; returns the trained trainer.
-    ``on_step(trainer)`` runs after every iteration (TDMTrainer.train)."""
+    ``on_step(trainer)`` runs after every iteration (TDMTrainer.train); ``ema_decay`` turns on the
+    trainer's EMA of the student (``use_ema``), which is then what is saved."""
+    ema = {} if ema_decay is None else {"use_ema": True, "ema_decay": ema_decay}
     backend = DigitsBackend(copy.deepcopy(teacher), SCHEDULER_CONFIG, NULL_CLASS)
     config = TrainConfig(output_dir=str(out), max_train_steps=iterations, train_batch_size=cfg.batch_size,
                          learning_rate=cfg.learning_rate, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                          generator_lr_ratio=cfg.generator_lr_ratio, checkpointing_steps=iterations,
                          checkpoints_total_limit=1, seed=cfg.seed, tdm=tdm,
-                         step_embedding_lr_ratio=cfg.step_embedding_lr_ratio if tdm.unify_steps else None)
+                         step_embedding_lr_ratio=cfg.step_embedding_lr_ratio if tdm.unify_steps else None, **ema)
     trainer = TDMTrainer(backend, {"class_labels": torch.arange(NUM_CLASSES)}, config)
     trainer.train(progress=progress, on_step=on_step)
     trainer.backend.model.eval()

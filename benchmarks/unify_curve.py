@@ -128,7 +128,7 @@ def main() -> int:
     teacher = load_teacher()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        fixed_ratio = args.fixed_generator_lr_ratio or args.generator_lr_ratio
+        fixed_ratio = args.generator_lr_ratio if args.fixed_generator_lr_ratio is None else args.fixed_generator_lr_ratio
         fixed = distil_student(teacher, dataclasses.replace(cfg, generator_lr_ratio=fixed_ratio), Path(tmp) / "tdm",
                                cfg.tdm(), cfg.iterations, progress=False)
         snapshots = Snapshots(Path(tmp) / "unify", args.every, args.ema)

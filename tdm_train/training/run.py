@@ -129,7 +129,8 @@ def _check_resume(output_dir: Path, resume: str, backbone: str, denoiser_config:
     if accumulation != config.gradient_accumulation_steps:
         differs.append(f"gradient_accumulation_steps {accumulation} there, {config.gradient_accumulation_steps} here")
     if ("ema" in state) != config.use_ema:  # the trainer's state holds the EMA's update count when it has one
-        differs.append(f"{'--use_ema' if 'ema' in state else 'no EMA'} there, {'--use_ema' if config.use_ema else 'no EMA'} here")
+        ema = {True: "--use_ema", False: "no EMA"}
+        differs.append(f"{ema['ema' in state]} there, {ema[config.use_ema]} here")
     if not config.tdm.unify_steps and state.get("timesteps") not in (None, config.tdm.grid()):
         differs.append(f"timesteps {state['timesteps']} there, {config.tdm.grid()} here")
     if differs:

@@ -544,19 +544,17 @@ class TDMTrainer:
     def export_lora(self, ema: bool = True) -> tuple[Path, Path]:
         """The final student LoRA: diffusers file, ComfyUI file, model card (lora_export.py); the
         EMA weights with ``use_ema``, the trained ones with ``ema=False`` (e.g. a snapshot of both)."""
-        with self.exported_weights(ema):
-            return self._save_lora(self.config.ema_decay if self.ema is not None and ema else None)
-
-    def _save_lora(self, ema_decay: float | None) -> tuple[Path, Path]:
         from ..lora.export import save_student_lora
 
         cfg = self.config
         targets = cfg.lora_target_modules or self.backend.default_lora_targets
-        return save_student_lora(self.output_dir, self.backend.name, self.student_state(), cfg.lora_rank,
-                                 cfg.lora_alpha, targets, self.objective.timesteps, self.step,
-                                 extra_sampling=self.backend.sampling_metadata(self.objective.timesteps) or None,
-                                 training_cfg=cfg.tdm.guidance_scale, step_conditions=self.step_conditions(),
-                                 family=self.backend.family, ema_decay=ema_decay)
+        averaged = self.ema is not None and ema
+        with self.exported_weights(averaged):
+            return save_student_lora(self.output_dir, self.backend.name, self.student_state(), cfg.lora_rank,
+                                     cfg.lora_alpha, targets, self.objective.timesteps, self.step,
+                                     extra_sampling=self.backend.sampling_metadata(self.objective.timesteps) or None,
+                                     training_cfg=cfg.tdm.guidance_scale, step_conditions=self.step_conditions(),
+                                     family=self.backend.family, ema_decay=cfg.ema_decay if averaged else None)
 
     def step_conditions(self):
         """The TDM-unify student's K condition as it travels with its LoRA (lora/step_embedding.py):

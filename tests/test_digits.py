@@ -38,6 +38,29 @@ def test_frechet_distance():
     assert frechet_distance(a, b + 1.0) == pytest.approx(8.0, rel=0.05)  # |mu shift|^2 = 8
 
 
+def test_digits_quality_reports_the_samples_as_sampled():
+    """FID and accuracy see the samples clamped to the data's [-1, 1]; pixel_mean and out_of_range
+    describe them as sampled (a 1-step student's pixels reach +-7). The dataset scores FID ~0, its
+    own mean and no pixel out of range; with a third of its pixels pushed out to +-3 both statistics
+    follow the pushed pixels."""
+    from tdm_train.demos.digits.metrics import digits_quality
+
+    images, labels = load_digits_tensors()
+    classifier = load_classifier()
+    with torch.no_grad():
+        reference = classifier.features(images)
+    data = digits_quality(images, labels, classifier, reference)
+    assert data["fid"] < 1e-6 and data["class_accuracy"] > 0.98
+    assert data["pixel_mean"] == pytest.approx(images.mean().item()) and data["out_of_range"] == 0
+    pushed = images.clone()
+    mask = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) < 1 / 3
+    pushed[mask] = torch.where(images[mask] >= 0, 3.0, -3.0)
+    quality = digits_quality(pushed, labels, classifier, reference)
+    assert quality["pixel_mean"] == pytest.approx(pushed.mean().item())
+    assert quality["out_of_range"] == pytest.approx(mask.float().mean().item(), abs=1e-6)
+    assert quality["fid"] > 1.0  # clamped, the pushed pixels sit at +-1: not the dataset
+
+
 def test_the_cli_flags_reach_both_digits_students(tmp_path, capsys):
     """`python -m tdm_train --loss huber_elementwise ...` on the digits demo: TDM's choices, the
     guidance and the generator lr ratio reach the trainer of each student (they were ignored
@@ -83,8 +106,8 @@ def test_ci_sized_run_writes_the_students_and_shows_the_headline_claims(tmp_path
                        ("tdm", 4, 4), ("tdm", 2, 2), ("tdm", 1, 1),
                        ("tdm-unify", 4, 4), ("tdm-unify", 2, 2), ("tdm-unify", 1, 1)]
     for row in metrics["rows"]:
-        assert set(row) == {"method", "steps", "nfe", "fid", "class_accuracy", "seconds"}
-        assert row["fid"] >= 0 and 0 <= row["class_accuracy"] <= 1
+        assert set(row) == {"method", "steps", "nfe", "fid", "class_accuracy", "pixel_mean", "out_of_range", "seconds"}
+        assert row["fid"] >= 0 and 0 <= row["class_accuracy"] <= 1 and 0 <= row["out_of_range"] <= 1
     fid = {(r["method"], r["steps"]): r["fid"] for r in metrics["rows"]}
     assert fid[("tdm", 4)] < 0.9 * fid[("teacher-ddim", 4)], fid  # half the evaluations, clearly better
     assert fid[("tdm-unify", 4)] < 0.8 * fid[("teacher-ddim", 4)], fid

@@ -77,3 +77,14 @@ def test_trainer_ema_snapshots_are_the_trainers_average_of_the_raw_files(tmp_pat
         torch.testing.assert_close(final[key], ema[key], rtol=0, atol=0)
         changed += not torch.equal(ema[key], raw[3][key])
     assert changed > len(ema) // 2
+
+
+def test_pearson_is_the_correlation_coefficient():
+    """The 1-step FID / pixel-mean correlation the benchmark prints: torch.corrcoef's value, the sign
+    kept (brighter and worse is positive)."""
+    pearson = _curve_module().pearson
+    fid, mean = [102.0, 43.7, 142.7, 63.2, 238.4], [-0.237, -0.462, -0.217, -0.408, -0.115]
+    expected = torch.corrcoef(torch.tensor([fid, mean], dtype=torch.float64))[0, 1].item()
+    assert abs(pearson(fid, mean) - expected) < 1e-12
+    assert expected > 0.9
+    assert abs(pearson(fid, [-m for m in mean]) + expected) < 1e-12

@@ -1,4 +1,5 @@
-"""FID on digits (Frechet distance of the classifier's penultimate features) and class accuracy."""
+"""FID on digits (Frechet distance of the classifier's penultimate features), class accuracy, and the
+samples' own pixel statistics (the dataset lies in [-1, 1]; the metrics see the samples clamped to it)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def digits_quality(samples: torch.Tensor, labels: torch.Tensor, classifier, reference_features: torch.Tensor) -> dict:
-    """FID against the reference (the whole dataset) and the share classified as their prompt."""
-    images = samples.clamp(-1, 1).float()
-    features = classifier.features(images)
+    """FID against the reference (the whole dataset), the share classified as their prompt, and, of
+    the samples as sampled (before the clamp the classifier sees), the mean pixel value
+    (``pixel_mean``; the dataset's is -0.389) and the share of pixels outside [-1, 1]
+    (``out_of_range``; the dataset's is 0). A few-step student's FID moves with its brightness."""
+    samples = samples.float()
+    features = classifier.features(samples.clamp(-1, 1))
     accuracy = (classifier.head(features).argmax(1) == labels).float().mean().item()
-    return {"fid": frechet_distance(features, reference_features), "class_accuracy": accuracy}
+    return {"fid": frechet_distance(features, reference_features), "class_accuracy": accuracy,
+            "pixel_mean": samples.mean().item(), "out_of_range": (samples.abs() > 1).float().mean().item()}

@@ -23,6 +23,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from .demos.gmm_distill import GMMDemoConfig, run_gmm_demo
 
+    if args.generator_step_weighting != "none":
+        raise BadInput("--generator_step_weighting: the Gaussian-mixture toy's students are EDM-preconditioned x0 "
+                       "MLPs, not networks of a prediction type whose output gain the weighting reads; use it "
+                       "with the digits demo or a teacher")
     tdm = tdm_config(args)
     cfg = GMMDemoConfig(seed=args.seed, iterations=args.iterations or 500, prefit_iterations=args.prefit_iterations,
                         batch_size=args.batch_size or 512, eval_samples=args.eval_samples or 4000, tdm=tdm,
@@ -37,9 +41,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def digits_config(args: argparse.Namespace):
     """The digits demo's settings from the flags: TDM's choices (--loss, --tau_mode, --mid_point,
-    --no_importance_weight), --real_guidance_scale and --generator_lr_ratio apply to both of its
-    students; its grids are fixed (a 4-step student and a unify student for 1, 2 and 4 steps), so
-    --num_steps / --total_steps are refused rather than ignored."""
+    --no_importance_weight, --generator_step_weighting), --real_guidance_scale and --generator_lr_ratio
+    apply to both of its students; its grids are fixed (a 4-step student and a unify student for 1, 2
+    and 4 steps), so --num_steps / --total_steps are refused rather than ignored."""
     from .demos.digits.distill import DigitsDemoConfig
 
     if args.num_steps != 4 or args.total_steps not in (None, 900):
@@ -55,7 +59,8 @@ def digits_config(args: argparse.Namespace):
                            eval_samples=args.eval_samples or defaults.eval_samples, guidance_scale=guidance,
                            generator_lr_ratio=args.generator_lr_ratio, generator_loss=args.loss,
                            tau_mode=args.tau_mode, mid_point=args.mid_point,
-                           importance_weighting=not args.no_importance_weight)
+                           importance_weighting=not args.no_importance_weight,
+                           generator_step_weighting=args.generator_step_weighting)
     try:
         cfg.tdm()
     except ValueError as error:

@@ -44,6 +44,9 @@ class TDMConfig:
     guidance_scale: float = 1.0  # CFG folded into the teacher (demo 4.5, paper PixArt 3.5, SDXL 8)
     generator_loss: str = "mse"  # "mse", "huber_elementwise" (demo), "pseudo_huber" (paper)
     huber_c: float = 1e-3
+    # "none" (paper, demo) or "output_gain": weigh each sample's generator loss by 1 / the x0 gain of
+    # its step, so that the noisiest step does not dominate the shared weights (objectives.py)
+    generator_step_weighting: str = "none"
     importance_weighting: bool = True
     snr_gamma: float | None = 5.0
     # sampling-steps-aware training ("TDM-unify"): K drawn per sample from this set, each on its
@@ -76,6 +79,9 @@ class TDMConfig:
             _check_uniform_for_demo_mid_point(tuple(self.timesteps))
         if self.generator_loss not in obj.GENERATOR_LOSSES:
             raise ValueError(f"generator_loss must be one of {obj.GENERATOR_LOSSES}, got {self.generator_loss!r}")
+        if self.generator_step_weighting not in obj.GENERATOR_STEP_WEIGHTINGS:
+            raise ValueError(f"generator_step_weighting must be one of {obj.GENERATOR_STEP_WEIGHTINGS}, "
+                             f"got {self.generator_step_weighting!r}")
         if self.guidance_scale < 1.0:
             raise ValueError(f"guidance_scale must be >= 1, got {self.guidance_scale}")
 
@@ -292,6 +298,8 @@ class TDMObjective:
             fake_x0 = self._told(fake, trajectory.num_steps, x_tau, tau, cond)
             target = obj.generator_target(x0_hat, teacher_x0, fake_x0)
             normalizer = obj.generator_normalizer(x0_hat, teacher_x0)
-        loss = obj.generator_loss(x0_hat, target, normalizer, cfg.generator_loss, cfg.huber_c)
+        weight = obj.generator_step_weight(self.schedule, t, cfg.generator_step_weighting,
+                                           trajectory.num_steps if cfg.unify_steps else None)
+        loss = obj.generator_loss(x0_hat, target, normalizer, cfg.generator_loss, cfg.huber_c, weight)
         return loss, {"normalizer_mean": normalizer.mean().item()}
 

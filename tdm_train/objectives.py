@@ -16,6 +16,7 @@ from .schedule import NoiseSchedule, compute_dtype
 TAU_MODES = ("separate", "tail")
 MID_POINTS = ("grid", "demo")
 GENERATOR_LOSSES = ("mse", "huber_elementwise", "pseudo_huber")
+GENERATOR_STEP_WEIGHTINGS = ("none", "output_gain")
 
 
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,33 @@ def generator_normalizer(x0_hat: torch.Tensor, teacher_x0: torch.Tensor, floor: 
     return _mean_over_dims(diff).clamp_min(floor)
 
 
+def generator_step_weight(schedule: NoiseSchedule, t, mode: str = "none",
+                          num_steps: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Per-sample weight of the generator loss by the student step t each sample trains.
+
+    The generator's gradient is computed on x0_hat, and the normaliser W makes it O(1) per element
+    at every step; but the network's raw output reaches x0_hat with the gain |d x0 / d output| of
+    its step (schedule.output_gain: for eps-prediction on DDPM's linear betas 60.3 at t = 899, 10.0
+    at 674, 2.6 at 449, 0.8 at 224), so on the shared weights the noisiest step's samples dominate
+    the update ~75 to 1 over the last step's. ``"none"`` keeps that (the paper and the demo);
+    ``"output_gain"`` weighs each sample by 1 / gain, normalised to mean 1 over the samples of the
+    same step count K (``num_steps`` [B], TDM-unify; None: the whole batch), so that within a
+    trajectory every step moves the network's output alike while each K keeps its share of the
+    batch. Returns None for ``"none"``."""
+    if mode not in GENERATOR_STEP_WEIGHTINGS:
+        raise ValueError(f"generator step weighting must be one of {GENERATOR_STEP_WEIGHTINGS}, got {mode!r}")
+    if mode == "none":
+        return None
+    # a step whose x0 does not move with the output (gain 0: sigma_t = 0) is held to a finite weight
+    inverse_gain = 1.0 / schedule.output_gain(torch.as_tensor(t).cpu()).clamp_min(1e-6)
+    groups = torch.zeros_like(inverse_gain, dtype=torch.long) if num_steps is None else torch.as_tensor(num_steps).cpu()
+    weight = torch.empty_like(inverse_gain)
+    for k in groups.unique():
+        members = groups == k
+        weight[members] = inverse_gain[members] / inverse_gain[members].mean()
+    return weight
+
+
 def pseudo_huber_constant(x0_hat: torch.Tensor) -> float:
     """The paper's c = 0.00054 sqrt(d), d = dimensions of one sample."""
     return 0.00054 * math.sqrt(x0_hat[0].numel())
@@ -178,6 +206,7 @@ def generator_loss(
     normalizer: torch.Tensor,
     loss_type: str = "mse",
     huber_c: float = 1e-3,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The generator loss on x0_hat (the only path by which the gradient reaches the student).
 
@@ -185,6 +214,8 @@ def generator_loss(
     - ``huber_elementwise`` (demo): mean((sqrt((x0_hat - x_tilde)^2 + c^2) - c) / W), c = huber_c
     - ``pseudo_huber`` (paper): per sample sqrt(||x0_hat - x_tilde||^2 + c^2) - c with
       c = 0.00054 sqrt(d), not divided by W (it normalises itself); mean over the batch.
+
+    ``sample_weight`` [B] (:func:`generator_step_weight`) weighs each sample's loss in the batch mean.
     """
     if loss_type not in GENERATOR_LOSSES:
         raise ValueError(f"generator loss must be one of {GENERATOR_LOSSES}, got {loss_type!r}")
@@ -193,8 +224,11 @@ def generator_loss(
     if loss_type == "pseudo_huber":
         c = pseudo_huber_constant(x0_hat)
         norm_sq = diff.flatten(1).pow(2).sum(dim=1)
-        return (torch.sqrt(norm_sq + c**2) - c).mean()
-    w = _per_sample(normalizer.detach().to(x0_hat.device, dtype), diff)
-    if loss_type == "mse":
-        return (diff**2 / w).mean()
-    return ((torch.sqrt(diff**2 + huber_c**2) - huber_c) / w).mean()
+        per_sample = torch.sqrt(norm_sq + c**2) - c
+    else:
+        w = _per_sample(normalizer.detach().to(x0_hat.device, dtype), diff)
+        per_element = diff**2 if loss_type == "mse" else torch.sqrt(diff**2 + huber_c**2) - huber_c
+        per_sample = _mean_over_dims(per_element / w)
+    if sample_weight is not None:
+        per_sample = per_sample * sample_weight.detach().to(per_sample.device, dtype)
+    return per_sample.mean()

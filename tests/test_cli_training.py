@@ -143,7 +143,7 @@ def test_yaml_config_values_and_help_lists_every_flag(tmp_path):
                  "--checkpoints_total_limit", "--resume_from_checkpoint", "--validation_steps", "--report_to",
                  "--seed", "--student_timesteps", "--num_steps", "--total_steps", "--real_guidance_scale",
                  "--tau_mode", "--loss", "--fake_updates_per_generator", "--config", "--backbone",
-                 "--gradient_accumulation_steps", "--ddp_bucket_cap_mb"):
+                 "--gradient_accumulation_steps", "--ddp_bucket_cap_mb", "--generator_step_weighting"):
         assert flag in help_text, flag
 
 
@@ -169,14 +169,17 @@ def test_accumulation_precision_bucket_and_ema_flags_reach_the_training_config(p
 
     args = parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]), "--prompts", str(prompts),
                        "--gradient_accumulation_steps", "4", "--mixed_precision", "fp16", "--ddp_bucket_cap_mb", "50",
-                       "--use_ema", "--ema_decay", "0.99", "--output_dir", str(prompts.parent / "never")])
+                       "--use_ema", "--ema_decay", "0.99", "--generator_step_weighting", "output_gain",
+                       "--output_dir", str(prompts.parent / "never")])
     _, _, config = check_args(args)
     assert (config.gradient_accumulation_steps, config.mixed_precision, config.ddp_bucket_cap_mb) == (4, "fp16", 50.0)
     assert (config.use_ema, config.ema_decay) == (True, 0.99)
+    assert config.tdm.generator_step_weighting == "output_gain"
     _, _, defaults = check_args(parse_args(["--pretrained_teacher_model", str(pipelines["sdxl"]),
                                             "--prompts", str(prompts), "--output_dir", str(prompts.parent / "never")]))
     assert (defaults.gradient_accumulation_steps, defaults.ddp_bucket_cap_mb) == (1, 25.0)
     assert (defaults.use_ema, defaults.ema_decay) == (False, 0.9999)  # off, as in the demo; EMAModel's decay
+    assert defaults.tdm.generator_step_weighting == "none"  # the paper's and the demo's
 
 
 def _lora(folder):

@@ -69,12 +69,13 @@ def test_the_cli_flags_reach_both_digits_students(tmp_path, capsys):
 
     assert digits_config(parse_args([])) == DigitsDemoConfig()
     flags = ["--loss", "huber_elementwise", "--tau_mode", "tail", "--mid_point", "demo", "--no_importance_weight",
-             "--real_guidance_scale", "3", "--generator_lr_ratio", "0.4", "--iterations", "1", "--batch_size", "4"]
+             "--real_guidance_scale", "3", "--generator_lr_ratio", "0.4", "--generator_step_weighting", "output_gain",
+             "--iterations", "1", "--batch_size", "4"]
     cfg = digits_config(parse_args(flags))
     trainer = distil_student(load_teacher(), cfg, tmp_path / "tdm", cfg.tdm(), cfg.iterations, progress=False)
     tdm = trainer.config.tdm
-    assert (tdm.generator_loss, tdm.tau_mode, tdm.mid_point, tdm.importance_weighting, tdm.guidance_scale) == \
-        ("huber_elementwise", "tail", "demo", False, 3.0)
+    assert (tdm.generator_loss, tdm.tau_mode, tdm.mid_point, tdm.importance_weighting, tdm.guidance_scale,
+            tdm.generator_step_weighting) == ("huber_elementwise", "tail", "demo", False, 3.0, "output_gain")
     assert trainer.optimizers["student"].param_groups[0]["lr"] == pytest.approx(cfg.learning_rate * 0.4)
     assert cfg.tdm(unify_steps=(1, 2, 4)).generator_loss == "huber_elementwise"
 

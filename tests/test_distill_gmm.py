@@ -141,3 +141,7 @@ def test_cli_rejects_bad_arguments():
     run = subprocess.run([sys.executable, "-m", "tdm_train", "--tau-mode", "everywhere"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and "tau-mode" in run.stderr
+    # the toy's MLPs are EDM-preconditioned x0 networks: no prediction type for the output-gain weighting
+    run = subprocess.run([sys.executable, "-m", "tdm_train", "--demo", "gmm", "--generator_step_weighting",
+                          "output_gain"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and "--generator_step_weighting" in run.stderr and "Traceback" not in run.stderr

@@ -16,6 +16,7 @@ from tdm_train import (
     fake_score_loss,
     generator_loss,
     generator_normalizer,
+    generator_step_weight,
     generator_target,
     importance_weight,
     mid_timesteps,
@@ -179,11 +180,61 @@ def test_pseudo_huber_uses_the_paper_constant_and_no_normaliser():
     torch.testing.assert_close(x0_hat.grad, expected)
 
 
+@pytest.mark.parametrize("loss_type", ["mse", "huber_elementwise", "pseudo_huber"])
+def test_output_gain_weighting_moves_the_network_output_alike_at_every_step(schedule, loss_type):
+    """Four samples, one per step of the grid, with the same x0-space error: under "none" the
+    gradient on the network's raw (eps) output grows with the step's gain (60.3 / 0.8 = 75x from
+    224 to 899); under "output_gain" it is the same for every sample."""
+    t = torch.tensor(GRID)
+    x_t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    error = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def output_grad_norms(mode):
+        eps = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        eps.requires_grad_(True)
+        x0_hat = schedule.x0_from_output(eps, x_t, t)
+        target = x0_hat.detach() - error
+        weight = generator_step_weight(schedule, t, mode)
+        generator_loss(x0_hat, target, torch.ones(4, dtype=torch.float64), loss_type, sample_weight=weight).backward()
+        return eps.grad.flatten(1).norm(dim=1)
+
+    plain, balanced = output_grad_norms("none"), output_grad_norms("output_gain")
+    gain = schedule.output_gain(t)
+    torch.testing.assert_close(plain / plain[-1], gain / gain[-1], rtol=1e-9, atol=0)
+    assert plain[0] / plain[-1] > 70
+    torch.testing.assert_close(balanced, balanced[0].expand(4), rtol=1e-9, atol=0)
+
+
+def test_output_gain_weights_are_the_inverse_gain_with_mean_one(schedule):
+    t = torch.tensor([899, 899, 449, 224, 224])
+    weight = generator_step_weight(schedule, t, "output_gain")
+    assert weight.mean().item() == pytest.approx(1.0)
+    torch.testing.assert_close(weight * schedule.output_gain(t), (weight * schedule.output_gain(t))[0].expand(5))
+    assert generator_step_weight(schedule, t, "none") is None
+    # TDM-unify: balanced within each step count K, every K keeping its share of the batch
+    t_unify, k = torch.tensor([899, 899, 449, 899, 674, 449, 224]), torch.tensor([1, 2, 2, 4, 4, 4, 4])
+    weight = generator_step_weight(schedule, t_unify, "output_gain", num_steps=k)
+    assert weight[0].item() == pytest.approx(1.0)  # K = 1: one step, nothing to balance
+    for members in (k == 2, k == 4):
+        assert weight[members].mean().item() == pytest.approx(1.0)
+        moved = weight[members] * schedule.output_gain(t_unify[members])
+        torch.testing.assert_close(moved, moved[0].expand(len(moved)))
+    with pytest.raises(ValueError, match="step weighting"):
+        generator_step_weight(schedule, t, "snr")
+    # the weight changes the loss, and only through the batch mean
+    x0_hat, teacher, fake = _generator_inputs()
+    target, w = generator_target(x0_hat, teacher, fake), generator_normalizer(x0_hat, teacher)
+    per_sample = torch.stack([generator_loss(x0_hat[i:i + 1], target[i:i + 1], w[i:i + 1]) for i in range(3)])
+    weights = torch.tensor([0.5, 1.0, 1.5])
+    torch.testing.assert_close(generator_loss(x0_hat, target, w, sample_weight=weights), (weights * per_sample).mean())
+
+
 def test_unknown_loss_and_options_are_refused():
     x0_hat, teacher, fake = _generator_inputs()
     with pytest.raises(ValueError, match="generator loss"):
         generator_loss(x0_hat, teacher, torch.ones(3), "l1")
-    for bad in ({"tau_mode": "everywhere"}, {"mid_point": "random"}, {"generator_loss": "l1"}, {"guidance_scale": 0.5}):
+    for bad in ({"tau_mode": "everywhere"}, {"mid_point": "random"}, {"generator_loss": "l1"}, {"guidance_scale": 0.5},
+                {"generator_step_weighting": "snr"}):
         with pytest.raises(ValueError):
             TDMConfig(**bad)
 
@@ -229,6 +280,37 @@ def test_one_iteration_reuses_the_rollout_and_sends_grad_only_through_the_studen
         for t_k, tau_k in zip(t, tau):
             s = {899: 674, 674: 449, 449: 224, 224: 0}[t_k]
             assert max(20, s) <= tau_k < t_k - 10
+
+
+@pytest.mark.parametrize("unify", [None, (1, 2, 4)])
+def test_the_objective_weighs_its_generator_loss_by_the_steps_it_drew(monkeypatch, unify):
+    """TDMObjective.generator_loss hands generator_step_weight's weights for the steps it drew (and,
+    for TDM-unify, each sample's K) to the loss; with "none" it hands none."""
+    import tdm_train.distill as distill
+
+    seen = []
+    real_loss = distill.obj.generator_loss
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("sample_weight"))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(distill.obj, "generator_loss", spy)
+    schedule = NoiseSchedule.from_diffusers_config(PIXART_SCHEDULER)
+    for mode in ("none", "output_gain"):
+        torch.manual_seed(0)
+        student, fake, teacher = CountingLinear(6), CountingLinear(6), CountingLinear(6)
+        objective = TDMObjective(schedule, TDMConfig(generator_step_weighting=mode, unify_steps=unify))
+        gen = torch.Generator().manual_seed(1)
+        trajectory = objective.rollout(student, torch.randn(48, 6, generator=gen), generator=gen)
+        objective.generator_loss(student, teacher, fake, trajectory, generator=gen)
+        t = torch.tensor(student.calls[-1][0])
+        if mode == "none":
+            assert seen[-1] is None
+            continue
+        expected = generator_step_weight(schedule, t, "output_gain", trajectory.num_steps if unify else None)
+        torch.testing.assert_close(seen[-1], expected)
+        assert len(t.unique()) > 1 and not torch.allclose(expected, torch.ones_like(expected))
 
 
 def test_demo_mid_point_needs_a_uniform_grid():

@@ -121,6 +121,26 @@ def test_output_x0_round_trip(config):
     torch.testing.assert_close(schedule.eps_from_x0(x0, x_t, t), eps, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(
+    "config", [SDXL_SCHEDULER, PIXART_SCHEDULER, {**SDXL_SCHEDULER, "prediction_type": "v_prediction"},
+               SD3_SCHEDULER, {**SDXL_SCHEDULER, "prediction_type": "sample"}, COGVIDEOX_2B_SCHEDULER]
+)
+def test_output_gain_is_how_far_x0_moves_with_the_output(config):
+    """output_gain(t) = |d x0 / d output|, read off x0_from_output itself (it is linear in the output)."""
+    schedule = NoiseSchedule.from_diffusers_config(config)
+    t = torch.tensor([0, 224, 449, 674, 899, 998])
+    x_t = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    moved = schedule.x0_from_output(out + 0.5, x_t, t) - schedule.x0_from_output(out, x_t, t)
+    torch.testing.assert_close(schedule.output_gain(t), (moved / 0.5).abs().mean(dim=1), rtol=1e-9, atol=1e-12)
+
+
+def test_output_gain_of_eps_prediction_on_linear_betas():
+    """The numbers the README's weighting argument rests on (PixArt's / the digits teacher's betas)."""
+    gain = NoiseSchedule.from_diffusers_config(PIXART_SCHEDULER).output_gain(torch.tensor([899, 674, 449, 224]))
+    assert [round(g, 1) for g in gain.tolist()] == [60.3, 10.0, 2.6, 0.8]
+
+
 def test_outputs_are_the_textbook_parameterisations():
     gen = torch.Generator().manual_seed(1)
     x0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)

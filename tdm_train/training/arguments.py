@@ -48,11 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
                         default="mse", help="generator loss (default mse; demo huber_elementwise; paper pseudo_huber)")
     common.add_argument("--no_importance_weight", "--no-importance-weight", action="store_true",
                         help="drop the demo's importance weight on the fake-score loss")
+    common.add_argument("--generator_step_weighting", "--generator-step-weighting", choices=("none", "output_gain"),
+                        default="none",
+                        help="none (default: the paper and the demo): every sample's generator loss counts alike, so "
+                             "the noisiest step, whose x0 moves 60x with the network's output at t = 899, dominates "
+                             "the update; output_gain (ours): each sample weighted by 1 / that gain, so that every "
+                             "step moves the network alike")
 
     demo = parser.add_argument_group("the embedded demos (no --pretrained_teacher_model)")
     demo.add_argument("--demo", choices=("digits", "gmm"), default="digits",
                       help="digits (default): the digits teacher, TDM and TDM-unify students, FID table (both "
-                           "students follow --loss, --tau_mode, --mid_point, --no_importance_weight, "
+                           "students follow --loss, --tau_mode, --mid_point, --no_importance_weight, --generator_step_weighting, "
                            "--real_guidance_scale, default 2, and --generator_lr_ratio); gmm: the "
                            "2-D Gaussian-mixture toy with an exact teacher")
     demo.add_argument("--iterations", type=int, default=None, help="TDM iterations (digits default 250, gmm 500)")
@@ -252,5 +258,6 @@ def tdm_config(args: argparse.Namespace, backbone: str | None = None) -> TDMConf
         generator_loss=args.loss,
         huber_c=getattr(args, "huber_c", 1e-3),
         importance_weighting=not args.no_importance_weight,
+        generator_step_weighting=getattr(args, "generator_step_weighting", "none"),
         unify_steps=tuple(args.unify_steps) if getattr(args, "unify_steps", None) else None,
     )

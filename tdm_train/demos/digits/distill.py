@@ -54,6 +54,7 @@ class DigitsDemoConfig:
     tau_mode: str = "separate"
     mid_point: str = "grid"
     importance_weighting: bool = True
+    generator_step_weighting: str = "none"
     eval_samples: int = 2000
     teacher_steps: int = 50
     threads: int | None = None
@@ -62,7 +63,8 @@ class DigitsDemoConfig:
         """The TDM settings of one student: this config's choices plus the student's own (its grid,
         or its unify set)."""
         return TDMConfig(guidance_scale=self.guidance_scale, generator_loss=self.generator_loss, tau_mode=self.tau_mode,
-                         mid_point=self.mid_point, importance_weighting=self.importance_weighting, **student)
+                         mid_point=self.mid_point, importance_weighting=self.importance_weighting,
+                         generator_step_weighting=self.generator_step_weighting, **student)
 
 
 def _labels(n: int) -> torch.Tensor:
